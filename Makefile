@@ -1,0 +1,28 @@
+# Set-up and entry points. `make quickstart` and `make test` do all the set-up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SHARED_DATA ?= ../shared/data
+
+.PHONY: venv test quickstart bench clean
+
+venv: $(STAMP)
+
+# Re-installs only when a requirements file changed; otherwise a no-op.
+$(STAMP): requirements.txt requirements_torch.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements_torch.txt -r requirements.txt
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q -rs tests
+
+quickstart: venv
+	@echo "make quickstart: not yet available (see issue 'make quickstart'); run 'make test' meanwhile"
+
+bench: venv
+	$(PY) benchmarks/inference.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

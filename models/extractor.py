@@ -1,0 +1,113 @@
+"""The extractor: network + keypoint post-processing -> keypoints, scores and descriptors.
+
+Every inference path (HPatches export, homography adaptation, feature export, demos) goes through
+`SuperPointExtractor`; `run_network` is the single place where the network is called at the configured
+precision and memory layout.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from models import get_model
+from utils import precision as precision_lib
+from utils.checkpoints import load_weights_into
+from utils.config import OPEN, merge
+from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
+
+default_conf = {
+    "name": "SuperPointNet_gauss2",
+    "params": OPEN,
+    "pretrained": None,
+    "detection_threshold": 0.015,
+    "nms": 4,
+    "top_k": 0,  # 0 keeps every point
+    "remove_borders": 4,
+    "subpixel": {"enable": False, "patch_size": 5},
+    "nn_thresh": 0.7,
+    "precision": "fp32",
+    "channels_last": "auto",  # true, false, or auto (see utils.precision.use_channels_last)
+}
+
+
+def weights_path(conf: Mapping) -> str | None:
+    """`model.pretrained`, else a top-level `pretrained` (the reference's configs use both)."""
+    model = conf.get("model") or {}
+    return model.get("pretrained") or conf.get("pretrained") or None
+
+
+def check_image_size(height: int, width: int, source: str = "image") -> None:
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise ValueError(f"{source}: size {height}x{width} is not a multiple of 8; the network needs "
+                         f"H and W divisible by 8 (e.g. set preprocessing.resize to [240, 320])")
+
+
+class SuperPointExtractor(nn.Module):
+    """SuperPoint inference. conf: the `model` section of a config (see `default_conf`)."""
+
+    def __init__(self, conf: Mapping | None = None, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.conf = merge(default_conf, conf, source="model")
+        self.device = torch.device(device)
+        self.net = get_model(self.conf["name"], self.conf["params"])
+        if self.conf["pretrained"]:
+            load_weights_into(self.net, self.conf["pretrained"])
+        self.precision = self.conf["precision"]
+        precision_lib.resolve(self.precision, self.device)  # validate early
+        cl = self.conf["channels_last"]
+        self.channels_last = precision_lib.use_channels_last(self.precision, self.device) if cl == "auto" else bool(cl)
+        self.net.to(self.device)
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        self.net.eval()
+
+    def train(self, mode: bool = True):
+        # Inference only: BatchNorm always uses its running statistics (the reference never called eval).
+        return super().train(False)
+
+    @torch.inference_mode()
+    def run_network(self, images: torch.Tensor) -> dict:
+        """images (B, 1, H, W) in [0, 1] -> {'semi': (B, 65, Hc, Wc) fp32, 'desc': (B, D, Hc, Wc) fp32}."""
+        check_image_size(images.shape[-2], images.shape[-1])
+        x = images.to(self.device, dtype=torch.float32, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision_lib.autocast(self.precision, self.device):
+            out = self.net(x)
+        return {"semi": out["semi"].float(), "desc": out["desc"].float()}
+
+    @torch.inference_mode()
+    def heatmap(self, images: torch.Tensor) -> torch.Tensor:
+        """Keypoint probability (B, H, W)."""
+        return logits_to_heatmap(self.run_network(images)["semi"])
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> dict:
+        """images (B, 1, H, W) float in [0, 1].
+
+        Returns {'keypoints': B x (N, 2) x, y; 'keypoint_scores': B x (N,); 'descriptors': B x (N, D)
+        unit vectors sampled at the returned (sub-pixel) keypoints; 'heatmap': (B, H, W);
+        'dense_descriptors': (B, D, H/8, W/8)}.
+        """
+        out = self.run_network(images)
+        heatmap = logits_to_heatmap(out["semi"])
+        return self.postprocess(heatmap, out["desc"])
+
+    def postprocess(self, heatmap: torch.Tensor, dense_descriptors: torch.Tensor) -> dict:
+        """Keypoints and descriptors from a heatmap (B, H, W) and descriptor map (B, D, Hc, Wc)."""
+        c = self.conf
+        detections = extract_keypoints(
+            heatmap, threshold=c["detection_threshold"], nms_radius=c["nms"], border=c["remove_borders"],
+            top_k=c["top_k"], subpixel=c["subpixel"]["enable"], patch_size=c["subpixel"]["patch_size"],
+        )
+        keypoints = [k for k, _ in detections]
+        descriptors = [sample_descriptors(dense_descriptors[i:i + 1], k[None])[0] for i, k in enumerate(keypoints)]
+        return {
+            "keypoints": keypoints,
+            "keypoint_scores": [s for _, s in detections],
+            "descriptors": descriptors,
+            "heatmap": heatmap,
+            "dense_descriptors": dense_descriptors,
+        }

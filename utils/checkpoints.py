@@ -1,0 +1,97 @@
+"""Checkpoints in the reference's format and weight files of every kind users have.
+
+A reference checkpoint `superPointNet_<iter>_checkpoint.pth.tar` is a dict with `n_iter`,
+`model_state_dict`, `optimizer_state_dict` and `loss`; MagicLeap's `superpoint_v1.pth` is a plain
+state_dict. Both load here; a `module.` prefix (DataParallel / DDP) is stripped.
+"""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from utils.io import DataError, atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_name(n_iter: int) -> str:
+    return f"superPointNet_{n_iter}_checkpoint.pth.tar"
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """torch.load a weights or checkpoint file onto the CPU; unreadable files are a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        # Checkpoints written by old code may pickle non-tensor objects; they are the user's own files.
+        log.warning("%s holds more than tensors; loading it with weights_only=False", path)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for corrupt files
+        raise DataError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+
+
+def extract_state_dict(obj: Mapping, source: str = "weights") -> dict:
+    """The model state_dict inside a reference checkpoint or a plain state_dict, `module.` stripped."""
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{source}: expected a state_dict or a checkpoint dict, got {type(obj).__name__}")
+    state = obj.get("model_state_dict", obj)
+    if not isinstance(state, Mapping) or not all(torch.is_tensor(v) for v in state.values()):
+        raise DataError(f"{source}: no model weights found (keys: {sorted(obj)[:8]})")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def load_weights_into(model: torch.nn.Module, path: str | Path) -> dict:
+    """Load weights from `path` into `model` (strict). Returns the raw loaded object (for resume).
+
+    A mismatch names the file, the model class and the keys that differ.
+    """
+    raw = load_checkpoint(path)
+    state = extract_state_dict(raw, str(path))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        hint = ""
+        if any(k.startswith("conv1a") for k in state):
+            hint = " These look like MagicLeap weights: set model.name: SuperPointNet_pretrained."
+        elif any(k.startswith("inc.") for k in state):
+            hint = " These look like reference weights: set model.name: SuperPointNet_gauss2."
+        raise DataError(
+            f"{path}: weights do not fit {type(model).__name__}: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+            f"{'...' if len(unexpected) > 5 else ''}.{hint}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise DataError(f"{path}: tensor '{key}' has shape {tuple(value.shape)}, "
+                            f"{type(model).__name__} expects {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
+    return raw if isinstance(raw, dict) else {}
+
+
+def save_checkpoint(folder: str | Path, n_iter: int, model: torch.nn.Module, optimizer=None, loss=None,
+                    extra: Mapping | None = None) -> Path:
+    """Write `<folder>/superPointNet_<n_iter>_checkpoint.pth.tar` atomically, in the reference format
+    (`n_iter`, `model_state_dict` without a `module.` prefix, `optimizer_state_dict`, `loss`)."""
+    module = model.module if hasattr(model, "module") else model
+    state = {
+        "n_iter": int(n_iter),
+        "model_state_dict": module.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict() if optimizer is not None else None,
+        "loss": loss.detach().cpu() if torch.is_tensor(loss) else loss,
+    }
+    state.update(extra or {})
+    path = Path(folder) / checkpoint_name(n_iter)
+    with atomic_path(path, ".tar") as tmp:
+        torch.save(state, tmp)
+    return path

@@ -1,0 +1,102 @@
+"""File I/O that never leaves a half-written file: write to a temporary file beside the target, then
+rename (atomic on POSIX). Readers raise errors that name the file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+
+class DataError(RuntimeError):
+    """An input file is missing, unreadable or corrupt."""
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it to `path` when the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    """np.savez_compressed, atomically."""
+    with atomic_path(path, ".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+
+
+def load_npz(path: str | Path, keys=None) -> dict:
+    """Load every array (or `keys`) of an npz into memory; a corrupt or incomplete file is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            wanted = data.files if keys is None else keys
+            missing = [k for k in wanted if k not in data.files]
+            if missing:
+                raise DataError(f"{path}: missing keys {missing}; it has {sorted(data.files)}")
+            return {k: data[k] for k in wanted}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or unreadable npz ({type(e).__name__}: {e})") from e
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | Path, obj) -> None:
+    """Append one JSON object as a line (a single write, so lines are never interleaved)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+
+
+def save_image(path: str | Path, image: np.ndarray) -> None:
+    """Write an image (uint8 grey, or BGR) with OpenCV, atomically. Format from the suffix."""
+    path = Path(path)
+    ok, buf = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise DataError(f"{path}: could not encode image of shape {image.shape}")
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
+    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable file is a DataError.
+
+    Grey conversion uses OpenCV's BGR weights (the reference applied the RGB formula to BGR data).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    if grayscale:
+        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    return image

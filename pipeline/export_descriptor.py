@@ -1,0 +1,167 @@
+"""`export.py export_descriptor`: keypoints, descriptors and matches of every HPatches pair.
+
+Writes EXPER_PATH/<exper>/predictions/<i>.npz with the reference's keys (reference-spec 7.1):
+image, warped_image (H, W) float32; prob, warped_prob (N, 3) float64 [x, y, score] sorted by score;
+desc, warped_desc (N, D) float32 unit vectors; homography (3, 3) float64 pixel image -> warped;
+matches (M, 4) float64 [x1, y1, x2, y2] (mutual nearest neighbours closer than model.nn_thresh).
+Also `index.json` (which pair each <i>.npz holds), `export.json` (counts, settings) and config.yml.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import settings
+from datasets import patches_dataset
+from models import extractor as extractor_lib
+from utils.config import IGNORED, OPEN, combine, load_config
+from utils.io import DataError, save_npz, write_json, write_text
+from utils.keypoints import logits_to_heatmap
+from utils.matching import mutual_nearest_neighbours
+
+log = logging.getLogger(__name__)
+
+# Keys of the reference's magicpoint_repeatability_heatmap.yaml (spec 2.5) and classical_descriptors.yaml
+# (spec 2.9) that the export accepts; training-only keys are accepted and ignored.
+schema = {
+    "data": patches_dataset.default_conf,
+    "front_end_model": IGNORED,
+    "eval_iter": IGNORED,
+    "seed": 0,
+    "pretrained": None,
+    "training": OPEN,
+    "model": combine(extractor_lib.default_conf, {
+        "batch_size": IGNORED, "eval_batch_size": IGNORED, "learning_rate": IGNORED, "rand_noise": IGNORED,
+        "homography_adaptation": OPEN, "method": "sift", "params": OPEN,
+    }),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"),
+                        help="image size (overrides data.preprocessing.resize; the paper uses 480 640)")
+    parser.add_argument("--nms", type=int, help="NMS radius in pixels (overrides model.nms)")
+    parser.add_argument("--detection-threshold", type=float, help="overrides model.detection_threshold")
+    parser.add_argument("--top-k", type=int, help="keep the k best points per image (overrides model.top_k)")
+    parser.add_argument("--weights", help="weights file (overrides model.pretrained / pretrained)")
+    parser.add_argument("--resume", action="store_true", help="keep predictions that already exist")
+    parser.add_argument("--correspondence", action="store_true", help="accepted for compatibility; unused")
+
+
+def load_export_config(args) -> dict:
+    """The config file merged with the defaults and the command-line overrides."""
+    conf = load_config(args.config, schema)
+    model = conf["model"]
+    overrides = {"nms": args.nms, "detection_threshold": args.detection_threshold, "top_k": args.top_k,
+                 "precision": getattr(args, "precision", None)}
+    model.update({k: v for k, v in overrides.items() if v is not None})
+    if args.resize:
+        conf["data"]["preprocessing"]["resize"] = list(args.resize)
+    model["pretrained"] = getattr(args, "weights", None) or extractor_lib.weights_path(conf)
+    return conf
+
+
+def prepare_output(exper_name: str, conf: Mapping) -> Path:
+    exper_dir = Path(settings.EXPER_PATH) / exper_name
+    predictions = exper_dir / "predictions"
+    predictions.mkdir(parents=True, exist_ok=True)
+    write_text(exper_dir / "config.yml", yaml.safe_dump(_plain(conf), sort_keys=False))
+    return predictions
+
+
+def _plain(obj):
+    """Config dict with markers resolved, for dumping."""
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj if isinstance(obj, (list, str, int, float, bool, type(None))) else str(obj)
+
+
+def export_pairs(dataset, describe_pair: Callable[[dict], dict], predictions: Path, resume: bool = False) -> dict:
+    """Run `describe_pair(sample) -> {npz key: array}` on every pair and write `<i>.npz` atomically.
+
+    A pair that cannot be read or described is reported and counted; the others go on.
+    Returns the counts written to export.json.
+    """
+    index, failed, skipped = [], [], 0
+    for i in tqdm(range(len(dataset)), desc="export", unit="pair"):
+        pair = dataset.pairs[i]
+        index.append({"index": i, "name": pair["name"], "image": str(pair["image"]),
+                      "warped_image": str(pair["warped_image"]), "homography": str(pair["homography"])})
+        path = predictions / f"{i}.npz"
+        if resume and path.exists():
+            skipped += 1
+            continue
+        try:
+            sample = dataset[i]
+            arrays = describe_pair(sample)
+        except DataError as e:
+            log.error("pair %d (%s) failed: %s", i, pair["name"], e)
+            failed.append({"index": i, "name": pair["name"], "error": str(e)})
+            continue
+        save_npz(path, image=sample["image"][0].numpy(), warped_image=sample["warped_image"][0].numpy(),
+                 homography=sample["homography"].numpy().astype(np.float64), **arrays)
+    write_json(predictions / "index.json", index)
+    summary = {"n_pairs": len(dataset), "n_written": len(dataset) - len(failed) - skipped,
+               "n_kept_existing": skipped, "n_failed": len(failed), "failed": failed,
+               "skipped_missing_files": [{"name": n, "missing": m} for n, m in dataset.skipped]}
+    write_json(predictions / "export.json", summary)
+    if failed:
+        log.warning("%d of %d pairs failed (listed in %s)", len(failed), len(dataset), predictions / "export.json")
+    return summary
+
+
+def superpoint_describer(extractor: extractor_lib.SuperPointExtractor, nn_thresh: float,
+                         adapt: Callable | None = None) -> Callable[[dict], dict]:
+    """describe_pair for a SuperPoint extractor; `adapt(images, heatmap_fn)` replaces the single-pass
+    heatmap with a homography-adapted one when given."""
+    def describe(sample: dict) -> dict:
+        images = torch.stack([sample["image"], sample["warped_image"]])
+        out = extractor.run_network(images)
+        heatmap = adapt(images) if adapt else logits_to_heatmap(out["semi"])
+        pred = extractor.postprocess(heatmap, out["desc"])
+        (kp1, kp2), (s1, s2) = pred["keypoints"], pred["keypoint_scores"]
+        d1, d2 = pred["descriptors"]
+        i1, i2, _ = mutual_nearest_neighbours(d1, d2, nn_thresh)
+        matches = torch.cat([kp1[i1], kp2[i2]], dim=1).double()
+        return {
+            "prob": torch.cat([kp1, s1[:, None]], 1).double().cpu().numpy(),
+            "warped_prob": torch.cat([kp2, s2[:, None]], 1).double().cpu().numpy(),
+            "desc": d1.cpu().numpy(), "warped_desc": d2.cpu().numpy(),
+            "matches": matches.cpu().numpy(),
+        }
+    return describe
+
+
+def run(args) -> dict:
+    conf = load_export_config(args)
+    predictions = prepare_output(args.exper_name, conf)
+    dataset = patches_dataset.PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    extractor = extractor_lib.SuperPointExtractor(
+        {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=device)
+    log.info("exporting %d pairs of %s with %s (%s) to %s", len(dataset), dataset.root,
+             conf["model"]["name"], conf["model"]["pretrained"] or "random weights", predictions)
+    adapt = _adaptation(conf, extractor)
+    summary = export_pairs(dataset, superpoint_describer(extractor, conf["model"]["nn_thresh"], adapt),
+                           predictions, resume=args.resume)
+    print(f"exported {summary['n_written']} pairs to {predictions} ({summary['n_failed']} failed)")
+    return summary
+
+
+def _adaptation(conf: Mapping, extractor) -> Callable | None:
+    """Homography adaptation of the detector when model.homography_adaptation.num > 1."""
+    ha_conf = conf["model"].get("homography_adaptation") or {}
+    if int(ha_conf.get("num") or 0) <= 1:
+        return None
+    from utils import homography_adaptation as ha
+
+    ha_conf = ha.merged_conf(ha_conf)
+    rng = np.random.default_rng(conf["seed"])
+    return lambda images: ha.adapt_heatmap(images, extractor.heatmap, ha_conf, rng)

@@ -1,0 +1,119 @@
+"""Homography adaptation: a detector's heatmap averaged over random homographic views of the image.
+
+For each image, `num` homographies A_i (pixel, original -> warped; A_0 = identity) are sampled. The
+warped images W_i = warp(I, A_i) go through the network in chunks of `chunk` warps, giving heatmaps P_i
+in the warped frames and valid masks V_i (the warped pixels that see the image, eroded by
+`valid_border_margin`). Both are brought back to the original frame with A_i^-1 and aggregated:
+
+  mean / sum:  P(x) = sum_i (P_i V_i)(A_i x) / sum_i V_i(A_i x)      (masked mean, as the reference)
+  max:         P(x) = max_i (P_i V_i)(A_i x)
+
+'sum' is the name the reference's configs (and the TensorFlow SuperPoint that defined the key) use for
+this masked mean: there the sum of the probabilities is divided by the counts; 'mean' says the same
+thing plainly. `filter_counts` > 0 zeroes pixels seen by fewer than that many views.
+
+Unlike the reference, the network is in eval mode (BatchNorm running statistics, not the statistics
+of the warp batch), `aggregation`, `filter_counts` and the erosion are honoured, and everything stays
+on the device of the inputs. Which network runs, at which precision and memory layout, is the
+caller's `heatmap_fn` (e.g. `SuperPointExtractor.heatmap`), the single place where they plug in.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from utils.config import check_choice, merge
+from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, sample_homographies,
+                            valid_mask, warp_image)
+
+AGGREGATIONS = ("mean", "sum", "max")
+
+default_conf = {
+    "enable": True,  # false: a single pass, as num <= 1
+    "num": 100,  # views per image, the identity included
+    "aggregation": "mean",
+    "filter_counts": 0,
+    "valid_border_margin": 3,  # erosion radius of the valid masks in pixels (TF SuperPoint's default)
+    "chunk": 1,  # warps per network call; on the CPU one at a time was the fastest measured
+    "homographies": {"params": dict(HOMOGRAPHY_DEFAULTS)},
+}
+
+HeatmapFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def merge_conf(conf: Mapping | None, source: str = "homography_adaptation") -> dict:
+    """`default_conf` updated with `conf`; unknown keys and bad values are ConfigErrors."""
+    out = merge(default_conf, conf, source=source, prefix="homography_adaptation.")
+    check_choice(out["aggregation"], AGGREGATIONS, "homography_adaptation.aggregation", source)
+    if int(out["chunk"]) < 1:
+        raise ValueError(f"{source}: homography_adaptation.chunk is {out['chunk']!r}; expected an integer >= 1")
+    return out
+
+
+def sample_adaptation_homographies(batch: int, num: int, height: int, width: int, params: Mapping | None,
+                                   rng: np.random.Generator, device=None) -> torch.Tensor:
+    """(B, num, 3, 3) float64 pixel homographies, original -> warped, for H x W images; the first of each
+    image is the identity."""
+    normalised = np.stack([sample_homographies(num, rng, params, identity_first=True) for _ in range(batch)])
+    return torch.from_numpy(denormalize_homography(normalised, height, width)).to(device)
+
+
+@torch.inference_mode()
+def adapt_heatmap(images: torch.Tensor, heatmap_fn: HeatmapFn, conf: Mapping | None = None,
+                  rng: np.random.Generator | int | None = 0) -> torch.Tensor:
+    """Heatmap of `images` aggregated over `conf['num']` random homographies.
+
+    images: (B, 1, H, W) in [0, 1] on any device. heatmap_fn: (N, 1, H, W) -> (N, H, W) probabilities.
+    conf: keys of `default_conf`. rng: numpy Generator (or seed) drawing the homographies.
+    Returns (B, H, W) float32 on the images' device. With num <= 1 (or enable false) it is exactly
+    heatmap_fn(images).
+    """
+    conf = merge_conf(conf)
+    if not conf["enable"] or conf["num"] <= 1:
+        return heatmap_fn(images).float()
+    b, _, h, w = images.shape
+    homographies = sample_adaptation_homographies(b, int(conf["num"]), h, w, conf["homographies"]["params"],
+                                                  np.random.default_rng(rng), images.device)
+    return aggregate_over_homographies(images, homographies, heatmap_fn, conf)
+
+
+@torch.inference_mode()
+def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor, heatmap_fn: HeatmapFn,
+                                conf: Mapping | None = None) -> torch.Tensor:
+    """The aggregation of `adapt_heatmap` under given homographies.
+
+    images: (B, 1, H, W). homographies: (B, N, 3, 3) or (1, N, 3, 3) pixel, original -> warped (exact
+    identities are passed through without resampling). conf: keys of `default_conf` (`num` and
+    `homographies` unused). Returns (B, H, W) float32.
+    """
+    conf = merge_conf(conf)
+    b, _, h, w = images.shape
+    device = images.device
+    homs = homographies.to(device=device, dtype=torch.float64).expand(b, -1, 3, 3).reshape(-1, 3, 3)
+    n_views = homs.shape[0] // b
+    owner = torch.arange(b, device=device).repeat_interleave(n_views)  # image index of each view
+    is_identity = (homs == torch.eye(3, dtype=torch.float64, device=device)).all(dim=-1).all(dim=-1)
+    use_max = conf["aggregation"] == "max"
+    prob = torch.zeros(b, h, w, device=device)
+    counts = torch.zeros(b, h, w, device=device)
+    chunk = int(conf["chunk"])
+    for start in range(0, homs.shape[0], chunk):
+        hom, src, ident = homs[start:start + chunk], owner[start:start + chunk], is_identity[start:start + chunk]
+        views = images[src].float()
+        warped = torch.where(ident[:, None, None, None], views, warp_image(views, hom))
+        heat = heatmap_fn(warped).float().to(device)
+        mask = valid_mask((h, w), hom, erosion_radius=int(conf["valid_border_margin"])).to(heat.dtype)
+        stacked = torch.stack([heat * mask[:, 0], mask[:, 0]], dim=1)  # (n, 2, H, W)
+        back = torch.where(ident[:, None, None, None], stacked, warp_image(stacked, torch.linalg.inv(hom)))
+        counts.index_add_(0, src, back[:, 1])
+        if use_max:
+            prob.index_reduce_(0, src, back[:, 0], "amax")
+        else:
+            prob.index_add_(0, src, back[:, 0])
+    if not use_max:
+        prob = prob / counts.clamp_min(1e-6)
+    if conf["filter_counts"]:
+        prob = torch.where(counts >= conf["filter_counts"], prob, torch.zeros_like(prob))
+    return prob

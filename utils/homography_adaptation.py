@@ -43,7 +43,7 @@ default_conf = {
 HeatmapFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def merge_conf(conf: Mapping | None, source: str = "homography_adaptation") -> dict:
+def merged_conf(conf: Mapping | None, source: str = "homography_adaptation") -> dict:
     """`default_conf` updated with `conf`; unknown keys and bad values are ConfigErrors."""
     out = merge(default_conf, conf, source=source, prefix="homography_adaptation.")
     check_choice(out["aggregation"], AGGREGATIONS, "homography_adaptation.aggregation", source)
@@ -70,7 +70,7 @@ def adapt_heatmap(images: torch.Tensor, heatmap_fn: HeatmapFn, conf: Mapping | N
     Returns (B, H, W) float32 on the images' device. With num <= 1 (or enable false) it is exactly
     heatmap_fn(images).
     """
-    conf = merge_conf(conf)
+    conf = merged_conf(conf)
     if not conf["enable"] or conf["num"] <= 1:
         return heatmap_fn(images).float()
     b, _, h, w = images.shape
@@ -88,7 +88,7 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
     identities are passed through without resampling). conf: keys of `default_conf` (`num` and
     `homographies` unused). Returns (B, H, W) float32.
     """
-    conf = merge_conf(conf)
+    conf = merged_conf(conf)
     b, _, h, w = images.shape
     device = images.device
     homs = homographies.to(device=device, dtype=torch.float64).expand(b, -1, 3, 3).reshape(-1, 3, 3)

@@ -1,0 +1,83 @@
+"""KITTI raw drives listed in split files (reference-spec section 3.6).
+
+`<root_split_txt>/<task>.txt` lists one drive and camera per line, e.g. `2011_09_26_drive_0020_sync_02`;
+its frames are `<root>/2011_09_26_drive_0020_sync/image_02/data/*` (JPEG or PNG, sorted). A sample's
+name is `<line>/<frame>`, so exports go to `<split>/<line>/<frame>.npz` and training finds its labels
+there. Unlike the reference, a last line without a newline is read correctly, and drives that are
+absent under `root` are reported (count and first names) and skipped.
+
+A relative `root` or `root_split_txt` is looked up under DATA_PATH first, then under the working
+directory (where the reference looked).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from datasets.Coco import IMAGE_SUFFIXES, Coco, list_images
+from utils.config import combine
+from utils.io import DataError
+
+log = logging.getLogger(__name__)
+
+default_conf = combine(Coco.default_conf, {
+    "dataset": "Kitti_inh",
+    "root": None,  # folder of the drive folders
+    "root_split_txt": None,  # folder of train.txt / val.txt
+    "preprocessing": {"resize": [384, 1248]},
+})
+
+_LINE = re.compile(r"^(?P<drive>\S+)_(?P<camera>\d\d)$")
+
+
+def resolve_path(value, key: str, data_path: Path, source: str) -> Path:
+    """A configured folder: absolute as given, relative under DATA_PATH, else under the working directory."""
+    if not value:
+        raise DataError(f"{source}: data.{key} is not set; expected the KITTI {key} folder")
+    path = Path(value)
+    candidates = [path] if path.is_absolute() else [data_path / path, path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"{source}: data.{key} folder not found: looked in {', '.join(map(str, candidates))}")
+
+
+def read_split(path: Path) -> list[str]:
+    """Non-empty stripped lines of a split file (a last line without a newline included)."""
+    if not path.is_file():
+        raise DataError(f"KITTI split file not found: {path}")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+class Kitti_inh(Coco):  # noqa: N801 (reference name)
+    """Frames of the KITTI drives of one split. Samples as `Coco`, named `<line>/<frame>`."""
+
+    default_conf = default_conf
+
+    def list_samples(self, data_path: Path) -> list[dict]:
+        root = resolve_path(self.conf["root"], "root", data_path, self.source)
+        split_dir = resolve_path(self.conf["root_split_txt"], "root_split_txt", data_path, self.source)
+        split_file = split_dir / f"{self.task}.txt"
+        lines = read_split(split_file)
+        samples, absent = [], []
+        for line in lines:
+            match = _LINE.match(line)
+            if match is None:
+                raise DataError(f"{split_file}: line {line!r} is not '<drive>_<camera>' "
+                                f"(e.g. 2011_09_26_drive_0020_sync_02)")
+            folder = root / match["drive"] / f"image_{match['camera']}" / "data"
+            frames = list_images(folder) if folder.is_dir() else []
+            if not frames:
+                absent.append(line)
+                continue
+            samples += [{"image": p, "name": f"{line}/{p.stem}"} for p in frames]
+        if absent:
+            log.warning("KITTI %s: %d of %d drives of %s have no frames under %s and are skipped: %s%s",
+                        self.task, len(absent), len(lines), split_file, root, ", ".join(absent[:5]),
+                        " ..." if len(absent) > 5 else "")
+        self.absent_drives = absent
+        if not samples:
+            raise DataError(f"KITTI {self.task}: none of the {len(lines)} drives of {split_file} has frames "
+                            f"({', '.join(IMAGE_SUFFIXES)}) under {root}/<drive>/image_<camera>/data")
+        return samples

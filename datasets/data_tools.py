@@ -1,0 +1,179 @@
+"""Label tools shared by every training dataset (synthetic shapes, COCO, KITTI, TUM).
+
+Points follow the convention of utils.geometry: (N, 2) float tensors of (x, y) pixels, pixel centres at
+integers, so a point belongs to the pixel round(x), round(y). Label maps are float32 (H, W) tensors;
+the sample-level (1, H, W) shapes are the datasets' business.
+
+* `points_to_label_map` / `points_to_residuals`: binary labels at the rounded points and the sub-pixel
+  residuals p - round(p) (the reference's `labels_2D` and `labels_res`).
+* `bilinear_splat` + `gaussian_blur` = `gaussian_label_map`: the soft labels of `gaussian_label`.
+* `labels_to_cell_targets` / `valid_mask_to_cells`: the detector-loss targets and cell mask
+  (reference-spec section 5.2 steps 2 and 3).
+* `sample_pixel_homography`, `warp_sample` and `warped_pair`: homographic augmentation and the warped
+  pair of section 3.5, built on utils.geometry only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from utils.geometry import (denormalize_homography, inside_image, sample_homography, valid_mask,
+                            warp_image, warp_points)
+from utils.keypoints import CELL, heatmap_to_cells
+
+
+def points_to_label_map(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Binary (H, W) float32 map with 1 at the pixel of each point (rounded, never truncated).
+
+    points: (N, 2) x, y. Points outside the image (`inside_image`) are ignored.
+    """
+    labels = torch.zeros(height, width, dtype=torch.float32)
+    idx = points[inside_image(points, height, width)].round().long()
+    labels[idx[:, 1], idx[:, 0]] = 1.0
+    return labels
+
+
+def points_to_residuals(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(2, H, W) float32 map holding p - round(p) (x then y, each in [-0.5, 0.5]) at the pixel of each
+    point, zeros elsewhere. points: (N, 2) x, y; points outside the image are ignored. Where two points
+    share a pixel, one of them wins."""
+    res = torch.zeros(2, height, width, dtype=torch.float32)
+    pts = points[inside_image(points, height, width)].float()
+    idx = pts.round().long()
+    res[:, idx[:, 1], idx[:, 0]] = (pts - pts.round()).T
+    return res
+
+
+def bilinear_splat(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(H, W) float32 map where each point spreads a unit mass over its 4 neighbouring pixel centres
+    with bilinear weights (so the map's centroid near a point is the point itself). Contributions of
+    nearby points add up; weights falling outside the image are dropped.
+
+    points: (N, 2) x, y, sub-pixel.
+    """
+    pts = points.double()
+    base = pts.floor()
+    frac = pts - base
+    out = torch.zeros(height * width, dtype=torch.float64)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            x, y = base[:, 0].long() + dx, base[:, 1].long() + dy
+            wx = frac[:, 0] if dx else 1 - frac[:, 0]
+            wy = frac[:, 1] if dy else 1 - frac[:, 1]
+            ok = (x >= 0) & (x < width) & (y >= 0) & (y < height)
+            out.index_add_(0, (y * width + x)[ok], (wx * wy)[ok])
+    return out.reshape(height, width).float()
+
+
+def gaussian_kernel1d(sigma: float) -> torch.Tensor:
+    """(2r+1,) float64 normalised Gaussian weights exp(-d^2 / (2 sigma^2)), r = floor(3 sigma).
+
+    The support stops at 3 sigma (dropped weights are < 1.2 % of the peak): a longer tail would put
+    tiny masses into neighbouring cells, and the cell targets (`labels_to_cell_targets`) turn any
+    mass in a cell into a keypoint target. With the configs' sigma 0.2 the kernel is [1].
+    """
+    if not sigma > 0:
+        raise ValueError(f"gaussian_label sigma must be > 0, got {sigma}")
+    r = int(math.floor(3 * sigma))
+    d = torch.arange(-r, r + 1, dtype=torch.float64)
+    k = torch.exp(-d * d / (2 * sigma * sigma))
+    return k / k.sum()
+
+
+def gaussian_blur(label_map: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Blur (..., H, W) maps with the separable Gaussian of `gaussian_kernel1d` (zeros outside the
+    image). Returns float32 of the same shape; mass away from the border is preserved."""
+    shape = label_map.shape
+    k = gaussian_kernel1d(sigma).to(torch.float32)
+    r = (len(k) - 1) // 2
+    x = label_map.reshape(-1, 1, *shape[-2:]).float()
+    x = F.conv2d(x, k.reshape(1, 1, 1, -1), padding=(0, r))
+    x = F.conv2d(x, k.reshape(1, 1, -1, 1), padding=(r, 0))
+    return x.reshape(shape)
+
+
+def gaussian_label_map(points: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
+    """Soft labels (H, W) float32: the bilinear splat of the points blurred by a Gaussian of `sigma`
+    pixels (reference-spec section 0 row 3: a real blur, float, never quantised)."""
+    return gaussian_blur(bilinear_splat(points, height, width), sigma)
+
+
+def labels_to_cell_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Detector targets from label maps (reference-spec 5.2 step 2, the reference's `labels2Dto3D`).
+
+    labels: (B, 1, H, W) non-negative (binary or soft), H and W multiples of 8.
+    Returns (B, 65, H/8, W/8): channels 0..63 are the cell's pixels in the order of
+    `utils.keypoints.heatmap_to_cells` (k = 8 dy + dx), channel 64 the dustbin, which is 1 only for
+    cells with no label mass. Each cell is then divided by its sum, so k keypoints in a cell get 1/k
+    each and a cell with mass holds a distribution over its 64 pixels.
+    """
+    b, c, h, w = labels.shape
+    if c != 1 or h % CELL or w % CELL:
+        raise ValueError(f"labels must be (B, 1, H, W) with H, W multiples of {CELL}; got {tuple(labels.shape)}")
+    cells = heatmap_to_cells(labels[:, 0].float())
+    mass = cells.sum(dim=1, keepdim=True)
+    dustbin = (mass <= 0).to(cells.dtype)
+    targets = torch.cat([cells, dustbin], dim=1)
+    return targets / targets.sum(dim=1, keepdim=True)
+
+
+def valid_mask_to_cells(mask: torch.Tensor) -> torch.Tensor:
+    """Cell mask (reference-spec 5.2 step 3): (B, 1, H, W) pixel mask -> (B, 1, H/8, W/8), the
+    product over each cell's 64 pixels (a cell is valid only if all its pixels are)."""
+    return heatmap_to_cells(mask[:, 0].float()).prod(dim=1, keepdim=True)
+
+
+def sample_pixel_homography(rng: np.random.Generator, params: Mapping | None, height: int,
+                            width: int) -> np.ndarray:
+    """A random homography (utils.geometry.sample_homography with `params`) as a (3, 3) float64 pixel
+    homography mapping an H x W image to its warped version."""
+    return denormalize_homography(sample_homography(rng, params), height, width)
+
+
+def warp_sample(image: torch.Tensor, points: torch.Tensor, homography, erosion: int = 0):
+    """Warp an image and its keypoints with one pixel homography.
+
+    image: (C, H, W) float. points: (N, 2) x, y in the image. homography: (3, 3) pixel, image -> warped
+    (numpy or tensor). erosion: radius of the valid-mask erosion (`valid_border_margin`).
+    Returns (warped image (C, H, W) bilinear with zeros outside, warped points (M, 2) float32 that
+    fall inside the image, valid mask (1, H, W) float32).
+    """
+    _, h, w = image.shape
+    hom = torch.as_tensor(homography, dtype=torch.float64)
+    warped = warp_image(image[None].float(), hom, mode="bilinear")[0]
+    moved = warp_points(points.double(), hom)
+    moved = moved[inside_image(moved, h, w)].float()
+    mask = valid_mask((h, w), hom, erosion_radius=int(erosion))[0]
+    return warped, moved, mask
+
+
+def warped_pair(image: torch.Tensor, points: torch.Tensor, homography_params: Mapping | None,
+                rng: np.random.Generator, erosion: int = 0, base_homography=None) -> dict:
+    """The warped half of a training pair (reference-spec 3.5).
+
+    image: (1, H, W) float, points: (N, 2) x, y in it. A homography H is drawn with
+    `sample_pixel_homography(rng, homography_params)`. base_homography: optional (3, 3) pixel
+    homography from `image` to the sample's own image (the sample's homographic augmentation); the
+    pair is then rendered from `image` through H @ base in one interpolation, and H still maps the
+    sample's image to the warped one.
+    Returns a dict: `warped_img` (1, H, W), `warped_points` (M, 2), `warped_labels` (1, H, W) binary,
+    `warped_res` (2, H, W), `warped_valid_mask` (1, H, W) eroded by `erosion`, `homographies` (3, 3)
+    float32 pixel H and `inv_homographies` its inverse.
+    """
+    _, h, w = image.shape
+    hom = sample_pixel_homography(rng, homography_params, h, w)
+    total = hom if base_homography is None else hom @ np.asarray(base_homography, dtype=np.float64)
+    warped, moved, mask = warp_sample(image, points, total, erosion)
+    return {
+        "warped_img": warped,
+        "warped_points": moved,
+        "warped_labels": points_to_label_map(moved, h, w)[None],
+        "warped_res": points_to_residuals(moved, h, w),
+        "warped_valid_mask": mask,
+        "homographies": torch.from_numpy(hom).float(),
+        "inv_homographies": torch.from_numpy(np.linalg.inv(hom)).float(),
+    }

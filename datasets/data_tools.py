@@ -11,6 +11,9 @@ the sample-level (1, H, W) shapes are the datasets' business.
   (reference-spec section 5.2 steps 2 and 3).
 * `sample_pixel_homography`, `warp_sample` and `warped_pair`: homographic augmentation and the warped
   pair of section 3.5, built on utils.geometry only.
+* `TrainingSample`: the whole training sample of a dataset from an image and its keypoints
+  (photometric, then homographic augmentation, labels, soft labels, warped pair), driven by the data
+  keys of `training_defaults`, which every training dataset shares.
 """
 from __future__ import annotations
 
@@ -21,9 +24,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from utils.geometry import (denormalize_homography, inside_image, sample_homography, valid_mask,
-                            warp_image, warp_points)
+from utils import photometric
+from utils.config import IGNORED, ConfigError
+from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, inside_image, sample_homography,
+                            valid_mask, warp_image, warp_points)
 from utils.keypoints import CELL, heatmap_to_cells
+
+# The `data` keys read by `TrainingSample` (reference-spec 2.1, 2.6), with the reference's defaults.
+training_defaults = {
+    "gaussian_label": {
+        "enable": False,
+        "sigma": IGNORED,  # a TF-era spelling; the sigma used is params.GaussianBlur.sigma
+        "params": {"GaussianBlur": {"sigma": 0.2}},
+    },
+    "augmentation": {
+        "photometric": photometric.default_conf,
+        "homographic": {
+            "enable": False,
+            "enable_train": True,
+            "enable_val": False,
+            "params": HOMOGRAPHY_DEFAULTS,
+            "valid_border_margin": 0,
+        },
+    },
+    "warped_pair": {
+        "enable": False,
+        "params": HOMOGRAPHY_DEFAULTS,
+        "valid_border_margin": 0,
+    },
+}
 
 
 def points_to_label_map(points: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -177,3 +206,69 @@ def warped_pair(image: torch.Tensor, points: torch.Tensor, homography_params: Ma
         "homographies": torch.from_numpy(hom).float(),
         "inv_homographies": torch.from_numpy(np.linalg.inv(hom)).float(),
     }
+
+
+class TrainingSample:
+    """Builds training samples from an image and its keypoints, as configured by a `data` section.
+
+    conf: the dataset's merged `data` section (it holds the keys of `training_defaults`).
+    task: 'train' or 'val'. Photometric and homographic augmentation apply to a task when `enable` and
+    `enable_<task>` are both true; the warped pair is built for both tasks (its photometric
+    augmentation follows the photometric flags).
+    """
+
+    def __init__(self, conf: Mapping, task: str, source: str = "data"):
+        if task not in ("train", "val"):
+            raise ValueError(f"task is {task!r}; expected 'train' or 'val'")
+        aug = conf["augmentation"]
+        self.photometric = photometric.PhotometricAugmentation(aug["photometric"], source)
+        self.photometric_on = self.photometric.enabled_for(task)
+        homographic = aug["homographic"]
+        self.homographic = homographic if homographic["enable"] and homographic[f"enable_{task}"] else None
+        self.pair = conf["warped_pair"] if conf["warped_pair"]["enable"] else None
+        self.sigma = None
+        if conf["gaussian_label"]["enable"]:
+            self.sigma = conf["gaussian_label"]["params"]["GaussianBlur"]["sigma"]
+            if not (isinstance(self.sigma, (int, float)) and self.sigma > 0):
+                raise ConfigError(f"{source}: 'gaussian_label.params.GaussianBlur.sigma' is {self.sigma!r}; "
+                                  f"expected a positive number of pixels")
+
+    def __call__(self, image: np.ndarray, points: torch.Tensor, rng: np.random.Generator) -> dict:
+        """image: (H, W) float32 in [0, 1]; points: (N, 2) x, y (those off the image are dropped).
+
+        Returns tensors: `image` (1, H, W), `labels_2D` (1, H, W) binary, `valid_mask` (1, H, W),
+        `labels_res` (2, H, W); `labels_2D_gaussian` (1, H, W) with gaussian labels; with the warped
+        pair the keys of `warped_pair` but `warped_points`, plus `warped_labels_gaussian`.
+        Photometric augmentation comes first, then the homographic warp of image, points and mask;
+        the labels are built from the warped points. The warped pair is rendered from the clean
+        (un-augmented) image and augmented on its own.
+        """
+        h, w = image.shape
+        points = points[inside_image(points, h, w)].float()
+        augmented = self.photometric(image, rng) if self.photometric_on else image
+        img = torch.from_numpy(np.ascontiguousarray(augmented, dtype=np.float32))[None]
+        hom = None
+        if self.homographic is not None:
+            hom = sample_pixel_homography(rng, self.homographic["params"], h, w)
+            img, pts, mask = warp_sample(img, points, hom, self.homographic["valid_border_margin"])
+        else:
+            pts, mask = points, torch.ones(1, h, w)
+        sample = {
+            "image": img,
+            "labels_2D": points_to_label_map(pts, h, w)[None],
+            "valid_mask": mask,
+            "labels_res": points_to_residuals(pts, h, w),
+        }
+        if self.sigma is not None:
+            sample["labels_2D_gaussian"] = gaussian_label_map(pts, h, w, self.sigma)[None]
+        if self.pair is not None:
+            clean = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+            pair = warped_pair(clean, points, self.pair["params"], rng, self.pair["valid_border_margin"],
+                               base_homography=hom)
+            warped_points = pair.pop("warped_points")
+            if self.photometric_on:
+                pair["warped_img"] = torch.from_numpy(self.photometric(pair["warped_img"][0].numpy(), rng))[None]
+            if self.sigma is not None:
+                pair["warped_labels_gaussian"] = gaussian_label_map(warped_points, h, w, self.sigma)[None]
+            sample.update(pair)
+        return sample

@@ -99,8 +99,9 @@ def _nn_map(data: dict, matches: metrics.Matches, inliers: np.ndarray, sift: boo
             return metrics.nn_map(inliers, matches.distance / dmax if dmax > 0 else matches.distance)
         return metrics.nn_map(metrics.correct_matches(matches.points, homography, distance_thresh),
                               matches.distance)
-    nn = metrics.mutual_nn_matches(data["prob"], data["desc"], data["warped_prob"], data["warped_desc"],
-                                   max_distance=metrics.NN_MAP_MAX_DISTANCE)
+    # Mutual NN closer than the threshold = the cross-check matches closer than it (MagicLeap's matcher).
+    close = matches.distance < metrics.NN_MAP_MAX_DISTANCE
+    nn = metrics.Matches(*(a[close] for a in matches))
     if compat:
         # The reference estimated its labels in the (y, x)-swapped frame.
         _, labels = metrics.estimate_homography(nn.points[:, [1, 0]], nn.points[:, [3, 2]])

@@ -100,7 +100,11 @@ def sample_homography(rng: np.random.Generator, params: Mapping | None = None) -
         if p["allow_artifacts"]:
             t_min = t_min + p["translation_overflow"]
             t_max = t_max + p["translation_overflow"]
-        patch = patch + np.array([rng.uniform(-t_min[0], t_max[0]), rng.uniform(-t_min[1], t_max[1])])
+        # low + (high - low) U: Generator.uniform's own formula (same values), which also accepts
+        # low > high (a patch wider than the image, possible with artifacts) like the reference's
+        # np.random.uniform, where Generator.uniform raises.
+        low, high = -t_min, t_max
+        patch = patch + low + (high - low) * rng.random(2)
 
     if p["rotation"]:
         n = int(p["n_angles"])

@@ -115,5 +115,6 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
     if not use_max:
         prob = prob / counts.clamp_min(1e-6)
     if conf["filter_counts"]:
-        prob = torch.where(counts >= conf["filter_counts"], prob, torch.zeros_like(prob))
+        # Counts are bilinear resamplings of 0/1 masks: allow for their rounding error.
+        prob = torch.where(counts >= conf["filter_counts"] - 1e-3, prob, torch.zeros_like(prob))
     return prob

@@ -54,24 +54,34 @@ def nms(heatmap: torch.Tensor, radius: int, threshold: float) -> torch.Tensor:
     Algorithm: a candidate that is the highest undecided one within its window is kept by the greedy
     order (every higher candidate near it is already decided and none of them was kept, else it would
     have been suppressed); kept points then suppress their windows. Repeat until nothing is undecided.
+    Work is done on the candidates only: each gathers its window from padded flat maps, so the cost is
+    O(candidates x window) per round, and real heatmaps need 2-4 rounds.
     """
     candidates = heatmap >= threshold
     if radius <= 0:
         return candidates
-    size = 2 * radius + 1
-    priority = _priority(heatmap)[:, None]
-    undecided = candidates[:, None]
-    keep = torch.zeros_like(undecided)
+    b, h, w = heatmap.shape
+    hp, wp = h + 2 * radius, w + 2 * radius
+    bi, ys, xs = torch.nonzero(candidates, as_tuple=True)
+    position = bi * (hp * wp) + (ys + radius) * wp + (xs + radius)  # (K,) in the padded flat maps
+    span = torch.arange(-radius, radius + 1, device=heatmap.device)
+    window = (span[:, None] * wp + span[None, :]).reshape(-1)  # (S,) flat offsets of the window
+    neighbours = position[:, None] + window[None, :]  # (K, S)
+    priority = _priority(heatmap)[bi, ys, xs]
+    priority_map = torch.full((b * hp * wp,), float("-inf"), dtype=priority.dtype, device=heatmap.device)
+    priority_map[position] = priority
+    kept_map = torch.zeros(b * hp * wp, dtype=torch.bool, device=heatmap.device)
+    undecided = torch.ones_like(position, dtype=torch.bool)
     while True:
-        p = torch.where(undecided, priority, float("-inf"))
-        window_max = F.max_pool2d(p, size, stride=1, padding=radius)
-        new_keep = undecided & (p == window_max)
+        new_keep = undecided & (priority >= priority_map[neighbours].amax(dim=1))
         if not bool(new_keep.any()):
             break
-        keep |= new_keep
-        suppressed = F.max_pool2d(new_keep.to(torch.float32), size, stride=1, padding=radius) > 0
-        undecided &= ~suppressed
-    return keep[:, 0]
+        kept_map[position[new_keep]] = True
+        undecided &= ~kept_map[neighbours].any(dim=1)
+        priority_map[position[~undecided]] = float("-inf")
+    keep = torch.zeros(b * h * w, dtype=torch.bool, device=heatmap.device)
+    keep[(bi * h + ys) * w + xs] = kept_map[position]
+    return keep.reshape(b, h, w)
 
 
 def remove_borders(mask: torch.Tensor, border: int) -> torch.Tensor:

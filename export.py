@@ -3,6 +3,7 @@
 Tasks
   export_descriptor           HPatches keypoints, descriptors and matches -> EXPER_PATH/<exper>/predictions/<i>.npz
   export_detector_homoAdapt   homography-adaptation labels -> EXPER_PATH/<exper>/predictions/<split>/<image>.npz
+  export_features             features of every image of a folder -> EXPER_PATH/<exper>/features.h5 (hloc layout)
 `python export.py <task> --help` lists the flags of a task.
 """
 import argparse
@@ -14,6 +15,7 @@ from utils.cli import exit_on_error, setup_logging
 TASKS = {
     "export_descriptor": "pipeline.export_descriptor",
     "export_detector_homoAdapt": "pipeline.homography_adaptation_export",
+    "export_features": "pipeline.export_features",
 }
 
 

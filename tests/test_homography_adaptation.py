@@ -134,7 +134,9 @@ def test_masked_mean_of_a_constant_heatmap_is_constant():
 
 def test_round_trip_of_a_smooth_image():
     # With heatmap = image, every view unwarped lands back on the image: the aggregate equals the image
-    # (up to bilinear resampling of a smooth function). A wrong warp direction would not.
+    # up to bilinear resampling of a smooth function (on the rim of a view, where its mask is interpolated
+    # with the outside, the nearest inner value stands in: half a pixel of slope). A wrong warp direction
+    # would be off by the image's whole range.
     h, w = 60, 80
     ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
     image = (0.5 + 0.4 * torch.sin(xs / 9) * torch.cos(ys / 7))[None, None]
@@ -143,7 +145,7 @@ def test_round_trip_of_a_smooth_image():
     for aggregation in ("mean", "max"):
         out = ha.aggregate_over_homographies(image, homs, lambda x: x[:, 0],
                                              {"aggregation": aggregation, "valid_border_margin": 2})
-        assert (out[0] - image[0, 0]).abs().max() < 0.02, aggregation
+        assert (out[0] - image[0, 0]).abs().max() < 0.03, aggregation  # the image's range is 0.4
 
 
 def test_corners_of_a_square_recovered_under_known_homographies():
@@ -153,10 +155,12 @@ def test_corners_of_a_square_recovered_under_known_homographies():
                         about_centre(h, w, 10, 1.15, (8e-4, -6e-4)), translation(-6.5, 3.25)])[None]
     heat = ha.aggregate_over_homographies(image, homs, harris, {"aggregation": "mean", "chunk": 2})
     (points, scores), = extract_keypoints(heat, threshold=0.3 * float(heat.max()), nms_radius=4, border=4)
+    # Harris peaks sit about 1.5 px inside a square's corners: compare with the single pass too.
     corners = torch.tensor([[39.5, 29.5], [79.5, 29.5], [39.5, 69.5], [79.5, 69.5]])
-    assert len(points) == 4, points
-    distance = torch.cdist(corners, points).min(dim=1).values
-    assert distance.max() < 2.0, (points, distance)
+    (single, _), = extract_keypoints(harris(image), threshold=0.3, nms_radius=4, border=4)
+    assert len(points) == 4 and len(single) == 4, (points, single)
+    assert torch.cdist(corners, points).min(dim=1).values.max() < 2.2, points
+    assert torch.cdist(single, points).min(dim=1).values.max() <= 1.0, (single, points)
     # Each view alone, unwarped, peaks at the same corners: the views agree with each other.
     for i in range(1, homs.shape[1]):
         view = ha.aggregate_over_homographies(image, homs[:, i:i + 1], harris, {"aggregation": "max"})

@@ -109,7 +109,8 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
         back = torch.where(ident[:, None, None, None], stacked, warp_image(stacked, torch.linalg.inv(hom)))
         counts.index_add_(0, src, back[:, 1])
         if use_max:
-            prob.index_reduce_(0, src, back[:, 0], "amax")
+            flat = back[:, 0].reshape(len(src), -1)
+            prob.view(b, -1).scatter_reduce_(0, src[:, None].expand_as(flat), flat, "amax")
         else:
             prob.index_add_(0, src, back[:, 0])
     if not use_max:

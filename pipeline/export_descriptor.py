@@ -21,6 +21,7 @@ from tqdm import tqdm
 import settings
 from datasets import patches_dataset
 from models import extractor as extractor_lib
+from utils import homography_adaptation as ha
 from utils.config import IGNORED, OPEN, combine, load_config
 from utils.io import DataError, save_npz, write_json, write_text
 from utils.keypoints import logits_to_heatmap
@@ -39,7 +40,8 @@ schema = {
     "training": OPEN,
     "model": combine(extractor_lib.default_conf, {
         "batch_size": IGNORED, "eval_batch_size": IGNORED, "learning_rate": IGNORED, "rand_noise": IGNORED,
-        "homography_adaptation": OPEN, "method": "sift", "params": OPEN,
+        # The reference's config has this key but its code ignored it; num > 1 turns adaptation on.
+        "homography_adaptation": combine(ha.default_conf, {"num": 0}), "method": "sift", "params": OPEN,
     }),
 }
 
@@ -157,11 +159,8 @@ def run(args) -> dict:
 
 def _adaptation(conf: Mapping, extractor) -> Callable | None:
     """Homography adaptation of the detector when model.homography_adaptation.num > 1."""
-    ha_conf = conf["model"].get("homography_adaptation") or {}
-    if int(ha_conf.get("num") or 0) <= 1:
+    ha_conf = ha.merged_conf(conf["model"]["homography_adaptation"])
+    if not ha_conf["enable"] or int(ha_conf["num"]) <= 1:
         return None
-    from utils import homography_adaptation as ha
-
-    ha_conf = ha.merged_conf(ha_conf)
     rng = np.random.default_rng(conf["seed"])
     return lambda images: ha.adapt_heatmap(images, extractor.heatmap, ha_conf, rng)

@@ -114,3 +114,17 @@ def test_cli_errors_name_the_problem(exper, tmp_path, magicleap_weights, capsys,
     with pytest.raises(SystemExit):
         export.main(["export_descriptor", str(config), "x", "--weights", str(tmp_path / "none.pth")])
     assert "weights file not found" in capsys.readouterr().err
+
+
+def test_homography_adaptation_option_at_export(exper, tmp_path, magicleap_weights):
+    base = {"data": {"dataset": "hpatches", "truncate": 1}}
+    config = magicleap_config(tmp_path, magicleap_weights)
+    conf = yaml.safe_load(config.read_text())
+    conf["data"].update(base["data"])
+    for num in (0, 1, 6):
+        conf["model"]["homography_adaptation"] = {"num": num, "chunk": 3}
+        config.write_text(yaml.safe_dump(conf))
+        export.main(["export_descriptor", str(config), f"ha{num}"])
+    single, one, adapted = (np.load(exper / f"ha{n}" / "predictions" / "0.npz") for n in (0, 1, 6))
+    assert np.array_equal(single["prob"], one["prob"])  # num 1 is a single pass
+    assert not np.array_equal(single["prob"], adapted["prob"]) and len(adapted["prob"]) > 50

@@ -177,6 +177,18 @@ def scale_homography(h_pixel, scale_src, scale_dst):
     return resize_matrix(scale_dst) @ np.asarray(h_pixel, dtype=np.float64) @ np.linalg.inv(resize_matrix(scale_src))
 
 
+def resize_points(points, scale):
+    """Points (..., 2) x, y of an image resized by per-axis factors scale = (sx, sy): a pixel centre x
+    maps to (x + 0.5) sx - 0.5 (the convention of this module). numpy or torch in, same type out."""
+    sx, sy = scale
+    if isinstance(points, torch.Tensor):
+        s = torch.tensor([sx, sy], dtype=points.dtype, device=points.device)
+    else:
+        points = np.asarray(points)
+        s = np.array([sx, sy], dtype=points.dtype if points.dtype.kind == "f" else np.float64)
+    return (points + 0.5) * s - 0.5
+
+
 def warp_points(points: torch.Tensor, homography: torch.Tensor) -> torch.Tensor:
     """Apply a homography to points.
 

@@ -1,0 +1,915 @@
+"""Synthetic shapes: the nine drawing primitives of the reference, their keypoints, and a cache of them.
+
+Public API (what `SyntheticDataset_gaussian` builds on)
+------------------------------------------------------
+PRIMITIVES                      the nine primitive names, in the reference's order
+SPLITS                          ("training", "validation", "test")
+generation_defaults             the `data` keys this module reads, with the reference's defaults; combine
+                                them into the dataset's default_conf (`utils.config.combine`)
+render(primitive, rng, conf)    -> (image uint8 (H, W), points float32 (N, 2) x, y): one sample, background
+                                included, drawn, blurred and resized to `preprocessing.resize`
+split_samples(conf, split)      -> [(primitive, index), ...]: the split in dataset order (primitives in
+                                PRIMITIVES order, each truncated to int(truncate * split_size), then
+                                shuffled with a permutation seeded by `generation.random_seed`)
+render_sample(conf, primitive, split, index, seed=None)
+                                -> (image, points) of one sample, deterministic in (seed, primitive, split,
+                                index); the on-the-fly mode (no disk), pixel-identical to the cached image
+ensure_cache(data_path, conf, workers=None, splits=("training", "validation")) -> Path
+                                generates what is missing of `<data_path>/synthetic_shapes_<suffix>/`
+                                (parallel, tqdm, atomic writes) and returns that folder
+load_split(cache_dir, conf, split) -> [(image_path, points), ...] in `split_samples` order
+
+`conf` is the dataset's `data` section: the keys of `generation_defaults` are read (and validated), any
+other key is left to the dataset. Points are always (x, y) in pixels of the returned image, with the
+project's convention (utils.geometry: pixel centres at integers).
+
+How samples are drawn (reference-spec section 3.4)
+--------------------------------------------------
+Every primitive samples its shapes exactly as the reference does, in the coordinates of an
+`image_size` image (960 x 1280), with keypoints at integer pixels of that image. The reference then
+draws at 960 x 1280, applies `cv2.GaussianBlur` (blur_size x blur_size, sigma from the kernel size) and
+resizes to 120 x 160 with INTER_LINEAR. Here a `Canvas` draws the same shapes straight onto a raster of
+`oversampling` x `resize` pixels (480 x 640 by default), with sub-pixel coordinates (OpenCV's `shift`),
+and scales the blur and the noise so that the resized image has the same blur and the same noise
+variance as the reference's. `oversampling: null` draws at `image_size`, as the reference does.
+The one costly part of the reference, the 3,000-blob texture of every polygon of
+`draw_multiple_polygons`, is painted only around its polygon and with vectorised disc stamps.
+
+Differences from the reference, all deliberate: one seeded `np.random.Generator` per image (the
+reference mixed a seeded RandomState with the unseeded global one); points stored (x, y) in the
+output's pixel convention, (x + 0.5) s - 0.5, instead of (y, x) scaled by s; only the images that
+`truncate` keeps and only the requested splits are generated (images depend on their index only, so a
+larger set later reuses them); `gaussian_noise` skips the background it would overwrite anyway.
+
+Cache layout: `<cache>/manifest.json` (generation parameters and generator version; a cache with other
+parameters is deleted and regenerated), `<cache>/<primitive>/images/<split>/<i>.png` and
+`<cache>/<primitive>/points/<split>/<start>-<stop>.npz` (keys `points` (M, 2) float32 and `counts`
+(stop - start,) int32: the points of images start..stop-1, concatenated). A chunk's npz is written last,
+so its presence means its images are complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from utils.config import OPEN, ConfigError, merge
+from utils.geometry import resize_points
+from utils.io import DataError, load_npz, save_image, save_npz, write_json
+
+log = logging.getLogger(__name__)
+
+PRIMITIVES = (
+    "draw_lines",
+    "draw_polygon",
+    "draw_multiple_polygons",
+    "draw_ellipses",
+    "draw_star",
+    "draw_checkerboard",
+    "draw_stripes",
+    "draw_cube",
+    "gaussian_noise",
+)
+SPLITS = ("training", "validation", "test")
+# Bump whenever a change to this module changes the images or points it produces.
+GENERATOR_VERSION = 1
+CHUNK_SIZE = 100  # images per points file and per generation task
+
+generation_defaults = {
+    "primitives": "all",
+    "truncate": OPEN,  # {primitive: fraction of its files kept}; validated in _settings
+    "suffix": None,
+    "generation": {
+        "split_sizes": {"training": 10000, "validation": 200, "test": 500},
+        "image_size": [960, 1280],
+        "random_seed": 0,
+        # Drawing resolution as a multiple of preprocessing.resize; null draws at image_size (reference).
+        "oversampling": 4,
+        "params": {
+            "generate_background": {"nb_blobs": 100, "min_rad_ratio": 0.02, "max_rad_ratio": 0.031,
+                                    "min_kernel_size": 150, "max_kernel_size": 500},
+            "draw_lines": {"nb_lines": 10},
+            "draw_polygon": {"max_sides": 8},
+            "draw_multiple_polygons": {"max_sides": 8, "nb_polygons": 30, "nb_blobs": 3000,
+                                       "kernel_boundaries": [50, 100]},
+            "draw_ellipses": {"nb_ellipses": 20},
+            "draw_star": {"nb_branches": 6},
+            "draw_checkerboard": {"max_rows": 7, "max_cols": 7, "transform_params": [0.05, 0.15]},
+            "draw_stripes": {"max_nb_cols": 13, "min_width_ratio": 0.04, "transform_params": [0.1, 0.1]},
+            "draw_cube": {"min_size_ratio": 0.2, "scale_interval": [0.4, 0.6], "trans_interval": [0.5, 0.2]},
+            "gaussian_noise": {},
+        },
+    },
+    "preprocessing": {"resize": [240, 320], "blur_size": 11},
+}
+
+_SHIFT = 4  # OpenCV fixed-point bits: shapes are placed to 1/16 raster pixel
+_COORD_LIMIT = 2.0 ** 26  # |raster coordinate| bound so that fixed-point values fit in int32
+_TEXTURE_MAX_RADIUS = 19  # blobs of the polygons' texture: radius randint(20), canvas pixels
+_PHASES = 8  # disc stamps are precomputed for centres on a 1/8 raster-pixel grid
+
+
+# ----------------------------------------------------------------------------------------------------
+# Canvas
+
+
+class Canvas:
+    """A raster that stands for an image of `size` (H, W) pixels: the primitives' drawing surface.
+
+    Primitives give coordinates and lengths in canvas pixels (the reference's 960 x 1280 image); the
+    canvas maps a canvas pixel centre x to the raster coordinate (x + 0.5) s - 0.5 and draws with
+    sub-pixel precision. OpenCV fills cover the pixels within half a pixel of a shape's outline, at
+    whichever resolution they run; lines, discs and ellipses are sized so that they cover what the
+    reference's calls covered at the canvas resolution. Polygons keep half a raster pixel of outline
+    (the reference: half a canvas pixel), 1/16 of an output pixel at the default 4x oversampling.
+
+    image: (h, w) uint8 raster. scale: (sx, sy) raster pixels per canvas pixel.
+    blur_size: the reference's final Gaussian kernel size in canvas pixels (see `finish`).
+    """
+
+    def __init__(self, size, raster_shape, blur_size: int):
+        self.size = (int(size[0]), int(size[1]))
+        self.image = np.zeros(tuple(int(v) for v in raster_shape), np.uint8)
+        self.scale = np.array([raster_shape[1] / size[1], raster_shape[0] / size[0]])
+        self.blur_size = int(blur_size)
+
+    @property
+    def height(self) -> int:
+        return self.size[0]
+
+    @property
+    def width(self) -> int:
+        return self.size[1]
+
+    def to_raster(self, points) -> np.ndarray:
+        """(..., 2) canvas x, y -> raster x, y (float64)."""
+        return (np.asarray(points, dtype=np.float64) + 0.5) * self.scale - 0.5
+
+    def mean(self) -> int:
+        """int(mean grey level): the reference's `background_color`."""
+        return int(cv2.mean(self.image)[0])
+
+    def box_kernel(self, size: int) -> tuple:
+        """Raster size (kx, ky) of a box blur of `size` canvas pixels."""
+        return tuple(max(1, int(round(size * s))) for s in self.scale)
+
+    def fill_polygon(self, points, color) -> None:
+        """cv2.fillPoly of the canvas polygon (N, 2)."""
+        cv2.fillPoly(self.image, [_fixed(self.to_raster(points))], int(color), cv2.LINE_8, _SHIFT)
+
+    def discs(self, centres, radii, colors) -> None:
+        """Filled discs (cv2.circle(..., -1) of the canvas): centres (N, 2), radii (N,) in canvas pixels."""
+        centres = _fixed(self.to_raster(centres)).reshape(-1, 2)
+        radii = np.asarray(radii, dtype=np.float64).reshape(-1)
+        # cv2.circle covers about pi r^2 pixels (one for r = 0); the sub-pixel ellipse adds half a pixel
+        axes = np.maximum(np.maximum(radii, 0.5)[:, None] * self.scale - 0.5, 0)
+        axes = np.round(axes * (1 << _SHIFT)).astype(np.int64)
+        for c, a, color in zip(centres.tolist(), axes.tolist(), np.asarray(colors).reshape(-1).tolist()):
+            cv2.ellipse(self.image, c, a, 0, 0, 360, int(color), -1, cv2.LINE_8, _SHIFT)
+
+    def ellipse(self, centre, axes, angle_deg: float, color) -> None:
+        """cv2.ellipse(img, centre, axes, angle, 0, 360, color, -1) of the canvas."""
+        # Outline half a canvas pixel out (the reference's fill) less the half raster pixel of ours.
+        a, b = np.asarray(axes, dtype=np.float64) + 0.5 - 0.5 / self.scale.mean()
+        t = np.linspace(0, 2 * np.pi, 180, endpoint=False)
+        c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+        x, y = a * np.cos(t), b * np.sin(t)
+        outline = np.stack([c * x - s * y, s * x + c * y], axis=1) + np.asarray(centre, dtype=np.float64)
+        self.fill_polygon(outline, color)
+
+    def line(self, p1, p2, thickness: int, color) -> None:
+        """cv2.line(img, p1, p2, color, thickness) of the canvas: 2 ceil(t / 2) + 1 pixels wide
+        (what OpenCV covers at thickness t), with round caps."""
+        p1, p2 = np.asarray(p1, dtype=np.float64), np.asarray(p2, dtype=np.float64)
+        half = (2 * math.ceil(thickness / 2) + 1) / 2
+        d = p2 - p1
+        length = math.hypot(*d)
+        if length > 0:
+            body_half = max(half - 0.5 / self.scale.mean(), 0)  # the fill adds half a raster pixel
+            n = np.array([-d[1], d[0]]) / length * body_half
+            self.fill_polygon(np.stack([p1 + n, p2 + n, p2 - n, p1 - n]), color)
+        self.discs(np.stack([p1, p2]), [half, half], [color, color])
+
+    def noise_gain(self, box_size: int | None = None) -> float:
+        """Factor on per-pixel noise deviations that gives noise drawn on the raster the standard
+        deviation it would have after the same filtering at the canvas resolution.
+
+        box_size: a box blur of that many canvas pixels dominates (the background); None: the final
+        Gaussian blur followed by the resize's two-tap average (`gaussian_noise`).
+        """
+        if box_size is not None:
+            kx, ky = self.box_kernel(box_size)
+            return math.sqrt(kx * ky) / box_size
+
+        def energy(ksize, sigma):  # sum of squared weights of blur then two-tap average, one axis
+            k = np.convolve(cv2.getGaussianKernel(ksize, sigma)[:, 0], [0.5, 0.5])
+            return float(np.sum(k ** 2))
+
+        sigma = _blur_sigma(self.blur_size)
+        ref = energy(self.blur_size, sigma) ** 2
+        ours = np.prod([energy(k, sigma * s) for k, s in zip(self._gauss_ksize(), self.scale)])
+        return math.sqrt(ref / ours)
+
+    def _gauss_ksize(self) -> tuple:
+        return tuple(2 * math.ceil((self.blur_size // 2) * s - 1e-9) + 1 for s in self.scale)
+
+    def finish(self, out_shape) -> np.ndarray:
+        """The reference's final blur (blur_size x blur_size Gaussian at the canvas resolution), then
+        INTER_LINEAR resize to out_shape (h, w). Returns uint8 (h, w)."""
+        kx, ky = self._gauss_ksize()
+        sigma = _blur_sigma(self.blur_size)
+        blurred = cv2.GaussianBlur(self.image, (kx, ky), sigmaX=sigma * self.scale[0],
+                                   sigmaY=sigma * self.scale[1])
+        return cv2.resize(blurred, (int(out_shape[1]), int(out_shape[0])), interpolation=cv2.INTER_LINEAR)
+
+
+def _blur_sigma(ksize: int) -> float:
+    """OpenCV's sigma for GaussianBlur(ksize, 0)."""
+    return 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+
+
+def _fixed(raster_points) -> np.ndarray:
+    """Raster x, y -> int32 fixed-point (N, 1, 2) for OpenCV's `shift` argument."""
+    p = np.clip(np.asarray(raster_points, dtype=np.float64), -_COORD_LIMIT, _COORD_LIMIT)
+    return np.round(p * (1 << _SHIFT)).astype(np.int32).reshape(-1, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random helpers shared by the primitives
+
+
+def _random_color(rng: np.random.Generator, background_color: int, n: int | None = None):
+    """Grey level(s) in 0..255 at least 30 away from the background (else shifted by 128)."""
+    c = rng.integers(256, size=n)
+    return np.where(np.abs(c - background_color) < 30, (c + 128) % 256, c)
+
+
+def _different_color(rng: np.random.Generator, previous: np.ndarray, min_dist: int = 50,
+                     max_count: int = 20) -> int:
+    """A grey level at least `min_dist` from every previous one (after at most `max_count` redraws)."""
+    color = int(rng.integers(256))
+    for _ in range(max_count):
+        if not np.any(np.abs(previous - color) < min_dist):
+            break
+        color = int(rng.integers(256))
+    return color
+
+
+def _ccw(a, b, c) -> np.ndarray:
+    return (c[..., 1] - a[..., 1]) * (b[..., 0] - a[..., 0]) > (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
+
+
+def _crosses(existing: np.ndarray, new: np.ndarray) -> bool:
+    """Whether any of the segments `new` (N, 4: x1 y1 x2 y2) crosses any of `existing` (M, 4)."""
+    if len(existing) == 0:
+        return False
+    a, b = existing[:, None, :2], existing[:, None, 2:]
+    c, d = new[None, :, :2], new[None, :, 2:]
+    return bool(np.any((_ccw(a, c, d) != _ccw(b, c, d)) & (_ccw(a, b, c) != _ccw(a, b, d))))
+
+
+def _inside(points: np.ndarray, size) -> np.ndarray:
+    """The points (N, 2) whose integer coordinates lie in an image of `size` (H, W)."""
+    keep = (points[:, 0] >= 0) & (points[:, 0] < size[1]) & (points[:, 1] >= 0) & (points[:, 1] < size[0])
+    return points[keep]
+
+
+def _random_polygon(rng: np.random.Generator, size, max_sides: int):
+    """The reference's random polygon: 3..max_sides-1 corners in the angular slices of a circle of
+    random radius, each coordinate at its own random fraction (>= 0.4) of the radius; repeated corners
+    and corners flatter than 120 degrees removed. Returns (corners (K, 2) int, centre (2,), radius)."""
+    h, w = size
+    n = int(rng.integers(3, max_sides))
+    min_dim = min(h, w)
+    rad = max(rng.random() * min_dim / 2, min_dim / 10)
+    centre = np.array([rng.integers(int(rad), int(w - rad)), rng.integers(int(rad), int(h - rad))])
+    slices = np.linspace(0, 2 * math.pi, n + 1)
+    angles = slices[:-1] + rng.random(n) * (slices[1:] - slices[:-1])
+    radial = np.maximum(rng.random((n, 2)), 0.4)
+    points = (centre + radial * rad * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(int)
+    points = points[np.linalg.norm(points - np.roll(points, 1, axis=0), axis=1) > 0.01]
+    if len(points) < 3:
+        return points, centre, rad
+    to_prev = (np.roll(points, 1, axis=0) - points).astype(np.float64)
+    to_next = (np.roll(points, -1, axis=0) - points).astype(np.float64)
+    cos = np.sum(to_prev * to_next, axis=1) / (np.linalg.norm(to_prev, axis=1) * np.linalg.norm(to_next, axis=1))
+    return points[np.arccos(np.clip(cos, -1, 1)) < 2 * math.pi / 3], centre, rad
+
+
+def _warp_board(rng: np.random.Generator, size, points: np.ndarray, transform_params) -> np.ndarray:
+    """The reference's random affine transformation then homography of a board's points (N, 2);
+    returns the warped points truncated to int, as the reference does."""
+    h, w = size
+    alpha = max(h, w) * (transform_params[0] + rng.random() * transform_params[1])
+    # The reference builds its reference square from (H // 2, W // 2) used as (x, y): kept, since it
+    # shapes the distribution of the transformations.
+    centre = np.float32([h // 2, w // 2])
+    half = min(h, w) // 3
+    square = np.float32([centre + half, [centre[0] + half, centre[1] - half], centre - half,
+                         [centre[0] - half, centre[1] + half]])
+    moved = (square + rng.uniform(-alpha, alpha, size=square.shape)).astype(np.float32)
+    affine = cv2.getAffineTransform(square[:3], moved[:3])
+    moved = (square + rng.uniform(-alpha / 2, alpha / 2, size=square.shape)).astype(np.float32)
+    perspective = cv2.getPerspectiveTransform(square, moved)
+    p = points @ affine[:, :2].T + affine[:, 2]
+    q = p @ perspective[:, :2].T + perspective[:, 2]
+    return (q[:, :2] / q[:, 2:]).astype(int)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backgrounds
+
+
+def generate_background(rng: np.random.Generator, canvas: Canvas, nb_blobs: int = 100,
+                        min_rad_ratio: float = 0.02, max_rad_ratio: float = 0.031,
+                        min_kernel_size: int = 150, max_kernel_size: int = 500) -> None:
+    """The reference's background, drawn on `canvas`: binary noise at a random threshold, `nb_blobs`
+    discs of radius in [min_rad_ratio, max_rad_ratio) x max(H, W) with contrasting grey levels, then a
+    box blur of min_kernel_size..max_kernel_size-1 canvas pixels. The noise is rescaled (same mean) so
+    that after the blur it keeps the canvas-resolution variance."""
+    h, w = canvas.size
+    threshold = int(rng.integers(256))
+    kernel = int(rng.integers(min_kernel_size, max_kernel_size))
+    p_on = max(254 - threshold, 0) / 255  # cv2.randu(0, 255) is 0..254; THRESH_BINARY keeps > threshold
+    gain = canvas.noise_gain(box_size=kernel)
+    low = 255 * p_on * (1 - gain)
+    on = rng.random(canvas.image.shape, dtype=np.float32) < p_on
+    canvas.image[:] = np.rint(np.where(on, low + 255 * gain, low)).astype(np.uint8)
+    background_color = canvas.mean()
+    dim = max(h, w)
+    centres = np.stack([rng.integers(0, w, nb_blobs), rng.integers(0, h, nb_blobs)], axis=1)
+    radii = rng.integers(int(dim * min_rad_ratio), int(dim * max_rad_ratio), nb_blobs)
+    canvas.discs(centres, radii, _random_color(rng, background_color, nb_blobs))
+    canvas.image[:] = cv2.blur(canvas.image, canvas.box_kernel(kernel))
+
+
+@functools.lru_cache(maxsize=8)
+def _disc_stamps(sx: float, sy: float):
+    """Raster pixels covered by a disc, for every texture-blob radius 0..19 (canvas pixels) and every
+    centre phase on a 1/8-pixel grid: pixel (floor + dx, floor + dy) is covered when its centre lies in
+    the disc (point sampling of the canvas-resolution painting). Returns (dx, dy, start, length, reach):
+    stamp k = (radius * 8 + phase_y) * 8 + phase_x is dx[start[k]:start[k] + length[k]]."""
+    radius = np.maximum(np.arange(_TEXTURE_MAX_RADIUS + 1), 0.5)  # cv2.circle(r=0) is one pixel
+    reach = int(math.ceil(_TEXTURE_MAX_RADIUS * max(sx, sy))) + 1
+    offsets = np.arange(-reach, reach + 1)
+    dy, dx = [a.reshape(-1) for a in np.meshgrid(offsets, offsets, indexing="ij")]
+    phase = np.arange(_PHASES) / _PHASES
+    inside = (((dx[None, None, None, :] - phase[None, None, :, None]) / (radius[:, None, None, None] * sx)) ** 2
+              + ((dy[None, None, None, :] - phase[None, :, None, None]) / (radius[:, None, None, None] * sy)) ** 2
+              ) <= 1
+    stamp, pixel = np.nonzero(inside.reshape(-1, dx.size))
+    length = np.bincount(stamp, minlength=inside.shape[0] * _PHASES * _PHASES)
+    start = np.concatenate([[0], np.cumsum(length)[:-1]])
+    return dx[pixel].astype(np.int64), dy[pixel].astype(np.int64), start, length, reach
+
+
+def _paint_discs(shape, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, base: int,
+                 scale) -> np.ndarray:
+    """Discs painted in order (later ones on top) over a `base` grey raster of `shape` (h, w).
+
+    centres: (N, 2) raster x, y; radii: (N,) int canvas pixels (0..19); colors (N,). Vectorised: every
+    disc contributes its stamp's pixels, and each pixel takes the colour of the last disc covering it.
+    """
+    dx, dy, start, length, reach = _disc_stamps(float(scale[0]), float(scale[1]))
+    h, w = shape
+    q = np.round(centres * _PHASES).astype(np.int64)
+    cell, phase = q // _PHASES, q % _PHASES
+    near = np.all((cell >= -reach) & (cell < np.array([w, h]) + reach), axis=1)
+    cell, phase, radii, colors = cell[near], phase[near], radii[near], colors[near]
+    key = (radii * _PHASES + phase[:, 1]) * _PHASES + phase[:, 0]
+    n = length[key]
+    disc = np.repeat(np.arange(len(key)), n)
+    ptr = np.arange(int(n.sum())) + np.repeat(start[key] - (np.cumsum(n) - n), n)
+    pad = 2 * reach  # discs centred up to `reach` outside still reach in; their stamps reach `reach` further
+    padded_w = w + 2 * pad
+    flat = (cell[disc, 1] + pad + dy[ptr]) * padded_w + (cell[disc, 0] + pad + dx[ptr])
+    last = np.full((h + 2 * pad) * padded_w, -1, np.int64)
+    np.maximum.at(last, flat, disc)
+    last = last.reshape(h + 2 * pad, padded_w)[pad:pad + h, pad:pad + w]
+    palette = np.append(colors, base).astype(np.uint8)  # index -1 (no disc) -> base
+    return palette[last]
+
+
+def _fill_with_texture(rng: np.random.Generator, canvas: Canvas, corners: np.ndarray, background_color: int,
+                       nb_blobs: int, kernel_boundaries) -> None:
+    """Fill a polygon with the reference's custom background: a contrasting base grey, `nb_blobs`
+    discs (radius 0..19) of contrasting greys anywhere on the canvas, box-blurred by a kernel in
+    kernel_boundaries. Painted only over the polygon's bounding box plus the blur's reach."""
+    h, w = canvas.size
+    base = int(_random_color(rng, background_color))
+    centres = np.stack([rng.integers(0, w, nb_blobs), rng.integers(0, h, nb_blobs)], axis=1)
+    colors = _random_color(rng, background_color, nb_blobs)
+    radii = rng.integers(_TEXTURE_MAX_RADIUS + 1, size=nb_blobs)
+    kx, ky = canvas.box_kernel(int(rng.integers(kernel_boundaries[0], kernel_boundaries[1])))
+    polygon = canvas.to_raster(corners)
+    rh, rw = canvas.image.shape
+    x0 = max(int(math.floor(polygon[:, 0].min())) - kx // 2 - 1, 0)
+    y0 = max(int(math.floor(polygon[:, 1].min())) - ky // 2 - 1, 0)
+    x1 = min(int(math.ceil(polygon[:, 0].max())) + kx // 2 + 2, rw)
+    y1 = min(int(math.ceil(polygon[:, 1].max())) + ky // 2 + 2, rh)
+    if x1 <= x0 or y1 <= y0:
+        return
+    origin = np.array([x0, y0])
+    texture = _paint_discs((y1 - y0, x1 - x0), canvas.to_raster(centres) - origin, radii, colors, base,
+                           canvas.scale)
+    # Border reflection (cv2.blur's default) matters only where the region touches the raster border,
+    # where the reference's full-size blur reflects too.
+    texture = cv2.blur(texture, (kx, ky))
+    mask = np.zeros(texture.shape, np.uint8)
+    cv2.fillPoly(mask, [_fixed(polygon - origin)], 1, cv2.LINE_8, _SHIFT)
+    np.copyto(canvas.image[y0:y1, x0:x1], texture, where=mask.astype(bool))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The nine primitives: each draws on a canvas that holds the background and returns its keypoints,
+# (N, 2) int x, y in canvas pixels. `render` adds the background, blur, resize and point scaling.
+
+
+def draw_lines(rng: np.random.Generator, canvas: Canvas, nb_lines: int = 10) -> np.ndarray:
+    """1..nb_lines-1 attempted lines, random endpoints, a line crossing an earlier one skipped;
+    thickness 1-2 % of min(H, W). Keypoints: the endpoints."""
+    h, w = canvas.size
+    min_dim = min(h, w)
+    background_color = canvas.mean()
+    segments = np.empty((0, 4), dtype=int)
+    for _ in range(int(rng.integers(1, nb_lines))):
+        segment = np.array([rng.integers(w), rng.integers(h), rng.integers(w), rng.integers(h)])
+        if _crosses(segments, segment[None]):
+            continue
+        segments = np.concatenate([segments, segment[None]])
+        color = _random_color(rng, background_color)
+        thickness = int(rng.integers(int(min_dim * 0.01), int(min_dim * 0.02)))
+        canvas.line(segment[:2], segment[2:], thickness, color)
+    return segments.reshape(-1, 2)
+
+
+def draw_polygon(rng: np.random.Generator, canvas: Canvas, max_sides: int = 8) -> np.ndarray:
+    """One filled polygon of 3..max_sides-1 corners (redrawn until 3 survive the filtering).
+    Keypoints: the corners."""
+    while True:
+        corners, _, _ = _random_polygon(rng, canvas.size, max_sides)
+        if len(corners) >= 3:
+            break
+    canvas.fill_polygon(corners, _random_color(rng, canvas.mean()))
+    return corners
+
+
+def draw_multiple_polygons(rng: np.random.Generator, canvas: Canvas, max_sides: int = 8, nb_polygons: int = 30,
+                           nb_blobs: int = 3000, kernel_boundaries=(50, 100)) -> np.ndarray:
+    """Up to nb_polygons polygons, one skipped if an edge crosses an earlier polygon's or its circle
+    nests with an earlier one's; each filled with its own blurred blob texture. Keypoints: the corners."""
+    background_color = canvas.mean()
+    segments = np.empty((0, 4), dtype=int)
+    centres, radii, points = [], [], []
+    for _ in range(nb_polygons):
+        corners, centre, rad = _random_polygon(rng, canvas.size, max_sides)
+        if len(corners) < 3:
+            continue
+        edges = np.concatenate([corners, np.roll(corners, -1, axis=0)], axis=1)
+        nested = any(np.linalg.norm(centre - c) + min(rad, r) < max(rad, r) for c, r in zip(centres, radii))
+        if nested or _crosses(segments, edges):
+            continue
+        centres.append(centre)
+        radii.append(rad)
+        segments = np.concatenate([segments, edges])
+        _fill_with_texture(rng, canvas, corners, background_color, nb_blobs, kernel_boundaries)
+        points.append(corners)
+    return np.concatenate(points) if points else np.empty((0, 2), dtype=int)
+
+
+def draw_ellipses(rng: np.random.Generator, canvas: Canvas, nb_ellipses: int = 20) -> np.ndarray:
+    """Up to nb_ellipses filled ellipses (semi-axes 1/20..1/4 of min(H, W), not overlapping, rotated
+    0..90 degrees). No keypoints."""
+    h, w = canvas.size
+    min_dim = min(h, w) / 4
+    background_color = canvas.mean()
+    centres = np.empty((0, 2))
+    rads = np.empty(0)
+    for _ in range(nb_ellipses):
+        ax = int(max(rng.random() * min_dim, min_dim / 5))
+        ay = int(max(rng.random() * min_dim, min_dim / 5))
+        max_rad = max(ax, ay)
+        centre = np.array([rng.integers(max_rad, w - max_rad), rng.integers(max_rad, h - max_rad)])
+        if np.any(max_rad > np.linalg.norm(centres - centre, axis=1) - rads):
+            continue
+        centres = np.concatenate([centres, centre[None]])
+        rads = np.append(rads, max_rad)
+        color = _random_color(rng, background_color)
+        canvas.ellipse(centre, (ax, ay), rng.random() * 90, color)
+    return np.empty((0, 2), dtype=int)
+
+
+def draw_star(rng: np.random.Generator, canvas: Canvas, nb_branches: int = 6) -> np.ndarray:
+    """3..nb_branches-1 lines from a centre to tips in the angular slices of a circle.
+    Keypoints: the centre and the tips."""
+    h, w = canvas.size
+    n = int(rng.integers(3, nb_branches))
+    min_dim = min(h, w)
+    thickness = int(rng.integers(int(min_dim * 0.01), int(min_dim * 0.02)))
+    rad = max(rng.random() * min_dim / 2, min_dim / 5)
+    centre = np.array([rng.integers(int(rad), int(w - rad)), rng.integers(int(rad), int(h - rad))])
+    slices = np.linspace(0, 2 * math.pi, n + 1)
+    angles = slices[:-1] + rng.random(n) * (slices[1:] - slices[:-1])
+    radial = np.maximum(rng.random((n, 2)), 0.3)
+    tips = (centre + radial * rad * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(int)
+    background_color = canvas.mean()
+    for tip in tips:
+        canvas.line(centre, tip, thickness, _random_color(rng, background_color))
+    return np.concatenate([centre[None], tips])
+
+
+def draw_checkerboard(rng: np.random.Generator, canvas: Canvas, max_rows: int = 7, max_cols: int = 7,
+                      transform_params=(0.05, 0.15)) -> np.ndarray:
+    """A 3..max_rows-1 x 3..max_cols-1 board under a random affinity and homography, neighbouring cells
+    in contrasting greys, plus random lines along grid rows and columns. Keypoints: the grid corners
+    inside the image."""
+    h, w = canvas.size
+    min_dim = min(h, w)
+    background_color = canvas.mean()
+    rows, cols = int(rng.integers(3, max_rows)), int(rng.integers(3, max_cols))
+    cell = min((w - 1) // cols, (h - 1) // rows)
+    gx, gy = np.meshgrid(np.arange(cols + 1), np.arange(rows + 1))
+    grid = _warp_board(rng, canvas.size, cell * np.stack([gx.ravel(), gy.ravel()], axis=1), transform_params)
+
+    def corner(i, j):
+        return grid[i * (cols + 1) + j]
+
+    colors = np.zeros((rows, cols), dtype=int)
+    for i in range(rows):
+        for j in range(cols):
+            if i == 0 and j == 0:
+                color = int(_random_color(rng, background_color))
+            else:
+                neighbours = ([colors[i - 1, j]] if i else []) + ([colors[i, j - 1]] if j else [])
+                color = _different_color(rng, np.array(neighbours))
+            colors[i, j] = color
+            canvas.fill_polygon([corner(i, j), corner(i, j + 1), corner(i + 1, j + 1), corner(i + 1, j)], color)
+    nb_rows, nb_cols = int(rng.integers(2, rows + 2)), int(rng.integers(2, cols + 2))
+    thickness = int(rng.integers(int(min_dim * 0.01), int(min_dim * 0.015)))
+    for _ in range(nb_rows):
+        i, j1, j2 = int(rng.integers(rows + 1)), int(rng.integers(cols + 1)), int(rng.integers(cols + 1))
+        canvas.line(corner(i, j1), corner(i, j2), thickness, _random_color(rng, background_color))
+    for _ in range(nb_cols):
+        j, i1, i2 = int(rng.integers(cols + 1)), int(rng.integers(rows + 1)), int(rng.integers(rows + 1))
+        canvas.line(corner(i1, j), corner(i2, j), thickness, _random_color(rng, background_color))
+    return _inside(grid, canvas.size)
+
+
+def draw_stripes(rng: np.random.Generator, canvas: Canvas, max_nb_cols: int = 13, min_width_ratio: float = 0.04,
+                 transform_params=(0.05, 0.15)) -> np.ndarray:
+    """Vertical stripes (5..max_nb_cols-1 attempted, at least min_width_ratio x min(H, W) wide) on a
+    board 1-2x the image, under a random affinity and homography, alternating greys, plus random lines
+    along the stripes' ends and borders. Keypoints: the stripes' corners inside the image."""
+    h, w = canvas.size
+    min_dim = min(h, w)
+    background_color = canvas.mean()
+    board_h, board_w = int(h * (1 + rng.random())), int(w * (1 + rng.random()))
+    n = int(rng.integers(5, max_nb_cols))
+    cols = np.unique(np.concatenate([board_w * rng.random(n - 1), [0, board_w - 1]]).astype(int))
+    min_width = min_dim * min_width_ratio
+    cols = cols[np.diff(cols, append=board_w + min_width) >= min_width]
+    n = len(cols) - 1
+    board = np.concatenate([np.stack([cols, np.zeros_like(cols)], axis=1),
+                            np.stack([cols, np.full_like(cols, board_h - 1)], axis=1)])
+    points = _warp_board(rng, canvas.size, board, transform_params)
+    color = int(_random_color(rng, background_color))
+    for i in range(n):
+        color = (color + 128 + int(rng.integers(-30, 30))) % 256
+        canvas.fill_polygon(points[[i, i + 1, i + n + 2, i + n + 1]], color)
+    nb_rows, nb_cols = int(rng.integers(2, 5)), int(rng.integers(2, n + 2))
+    thickness = int(rng.integers(int(min_dim * 0.01), int(min_dim * 0.015)))
+    for _ in range(nb_rows):
+        row = int(rng.choice([0, n + 1]))
+        j1, j2 = int(rng.integers(n + 1)), int(rng.integers(n + 1))
+        canvas.line(points[row + j1], points[row + j2], thickness, _random_color(rng, background_color))
+    for _ in range(nb_cols):
+        j = int(rng.integers(n + 1))
+        canvas.line(points[j], points[j + n + 1], thickness, _random_color(rng, background_color))
+    return _inside(points, canvas.size)
+
+
+def draw_cube(rng: np.random.Generator, canvas: Canvas, min_size_ratio: float = 0.2, scale_interval=(0.4, 0.6),
+              trans_interval=(0.5, 0.2)) -> np.ndarray:
+    """A box (sides min_size_ratio..min_size_ratio + 2/3 of min(H, W)) rotated about three axes by
+    18..72 degrees, scaled and translated, projected orthographically: three faces filled in one grey,
+    edges in contrasting greys. Keypoints: the 7 visible vertices inside the image."""
+    h, w = canvas.size
+    min_dim = min(h, w)
+    background_color = canvas.mean()
+    lx, ly, lz = min_dim * min_size_ratio + rng.random(3) * 2 * min_dim / 3
+    cube = np.array([[0, 0, 0], [lx, 0, 0], [0, ly, 0], [lx, ly, 0],
+                     [0, 0, lz], [lx, 0, lz], [0, ly, lz], [lx, ly, lz]])
+    a, b, c = rng.random(3) * 3 * math.pi / 10 + math.pi / 10
+    rot_z = np.array([[math.cos(a), -math.sin(a), 0], [math.sin(a), math.cos(a), 0], [0, 0, 1]])
+    rot_x = np.array([[1, 0, 0], [0, math.cos(b), -math.sin(b)], [0, math.sin(b), math.cos(b)]])
+    rot_y = np.array([[math.cos(c), 0, -math.sin(c)], [0, 1, 0], [math.sin(c), 0, math.cos(c)]])
+    scaling = np.diag(scale_interval[0] + rng.random(3) * scale_interval[1])
+    trans = np.array([w * trans_interval[0] + rng.integers(int(-w * trans_interval[1]), int(w * trans_interval[1])),
+                      h * trans_interval[0] + rng.integers(int(-h * trans_interval[1]), int(h * trans_interval[1])),
+                      0])
+    cube = (trans + cube @ (scaling @ rot_z @ rot_x @ rot_y).T)[:, :2].astype(int)
+    # Vertex 0 is hidden and 7 in front by construction; adjacent vertices differ by one bit.
+    faces = np.array([[7, 3, 1, 5], [7, 5, 4, 6], [7, 6, 2, 3]])
+    face_color = int(_random_color(rng, background_color))
+    for face in faces:
+        canvas.fill_polygon(cube[face], face_color)
+    thickness = int(rng.integers(int(min_dim * 0.003), int(min_dim * 0.015)))
+    for face in faces:
+        for j in range(4):
+            edge_color = (face_color + 128 + int(rng.integers(-64, 64))) % 256
+            canvas.line(cube[face[j]], cube[face[(j + 1) % 4]], thickness, edge_color)
+    return _inside(cube[1:], canvas.size)
+
+
+def gaussian_noise(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
+    """Uniform noise 0..254 over the whole image (scaled about its mean so that after the final blur
+    and resize it has the canvas-resolution standard deviation). No keypoints."""
+    gain = canvas.noise_gain()
+    noise = rng.integers(0, 255, size=canvas.image.shape).astype(np.float32)
+    canvas.image[:] = np.clip(np.rint(127 + (noise - 127) * gain), 0, 255).astype(np.uint8)
+    return np.empty((0, 2), dtype=int)
+
+
+_DRAW = {name: globals()[name] for name in PRIMITIVES}
+
+
+# ----------------------------------------------------------------------------------------------------
+# One sample
+
+
+def _settings(conf) -> dict:
+    """The keys of `generation_defaults` from a dataset conf, merged with the defaults and checked."""
+    conf = conf or {}
+    s = merge(generation_defaults, {k: conf[k] for k in generation_defaults if k in conf}, source="data")
+    names = s["primitives"]
+    names = list(PRIMITIVES) if names == "all" else ([names] if isinstance(names, str) else list(names))
+    unknown = [p for p in names if p not in PRIMITIVES]
+    if unknown or not names:
+        raise ConfigError(f"data.primitives is {s['primitives']!r}; expected 'all' or names among {list(PRIMITIVES)}")
+    s["primitives"] = [p for p in PRIMITIVES if p in names]
+    truncate = s["truncate"] or {}
+    for p, frac in truncate.items():
+        if p not in PRIMITIVES or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
+            raise ConfigError(f"data.truncate.{p} is {frac!r}; expected a primitive name among "
+                              f"{list(PRIMITIVES)} with a fraction in [0, 1]")
+    s["truncate"] = dict(truncate)
+    gen = s["generation"]
+    for split, size in gen["split_sizes"].items():
+        if split not in SPLITS or not isinstance(size, int) or size < 0:
+            raise ConfigError(f"data.generation.split_sizes.{split} is {size!r}; expected a split among "
+                              f"{list(SPLITS)} with a non-negative integer")
+    for key in ("image_size",):
+        if len(gen[key]) != 2 or min(gen[key]) < 1:
+            raise ConfigError(f"data.generation.{key} is {gen[key]!r}; expected [height, width]")
+    resize = s["preprocessing"]["resize"]
+    if len(resize) != 2 or min(resize) < 1:
+        raise ConfigError(f"data.preprocessing.resize is {resize!r}; expected [height, width]")
+    blur = s["preprocessing"]["blur_size"]
+    if not isinstance(blur, int) or blur < 1 or blur % 2 == 0:
+        raise ConfigError(f"data.preprocessing.blur_size is {blur!r}; expected an odd positive integer")
+    over = gen["oversampling"]
+    if over is not None and (not isinstance(over, int) or over < 1):
+        raise ConfigError(f"data.generation.oversampling is {over!r}; expected a positive integer or null")
+    return s
+
+
+def render(primitive: str, rng: np.random.Generator, conf=None):
+    """One sample of `primitive`: background, shapes, blur, resize.
+
+    conf: the dataset's data section (keys of `generation_defaults`; defaults if None).
+    Returns (image uint8 (h, w) with (h, w) = preprocessing.resize, keypoints float32 (N, 2) x, y in
+    pixels of that image; they may lie up to half a pixel outside it).
+    """
+    s = _settings(conf)
+    if primitive not in PRIMITIVES:
+        raise ValueError(f"unknown primitive {primitive!r}; expected one of {list(PRIMITIVES)}")
+    gen = s["generation"]
+    size, out = tuple(gen["image_size"]), tuple(s["preprocessing"]["resize"])
+    raster = size if gen["oversampling"] is None else tuple(gen["oversampling"] * v for v in out)
+    canvas = Canvas(size, raster, s["preprocessing"]["blur_size"])
+    params = gen["params"]
+    if primitive != "gaussian_noise":
+        generate_background(rng, canvas, **params["generate_background"])
+    points = _DRAW[primitive](rng, canvas, **params[primitive])
+    image = canvas.finish(out)
+    scale = (out[1] / size[1], out[0] / size[0])
+    return image, resize_points(points.astype(np.float64), scale).astype(np.float32)
+
+
+def render_sample(conf, primitive: str, split: str, index: int, seed: int | None = None):
+    """Sample `index` of `primitive` in `split`, drawn from its own generator
+    default_rng([seed, primitive, split, index]) (seed: generation.random_seed unless given), so any
+    process renders it identically: the on-the-fly mode, and what the cache stores."""
+    s = _settings(conf)
+    seed = s["generation"]["random_seed"] if seed is None else seed
+    rng = np.random.default_rng([int(seed), PRIMITIVES.index(primitive), SPLITS.index(split), int(index)])
+    return render(primitive, rng, conf)
+
+
+def _split_count(s: dict, primitive: str, split: str) -> int:
+    return int(s["truncate"].get(primitive, 1) * s["generation"]["split_sizes"][split])
+
+
+def split_samples(conf, split: str) -> list:
+    """[(primitive, index), ...]: the split in dataset order (reference: truncate each primitive, then
+    concatenate and shuffle with a seeded permutation)."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    s = _settings(conf)
+    samples = [(p, i) for p in s["primitives"] for i in range(_split_count(s, p, split))]
+    order = np.random.default_rng(s["generation"]["random_seed"]).permutation(len(samples))
+    return [samples[k] for k in order]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_dir(data_path, conf) -> Path:
+    """`<data_path>/synthetic_shapes_<suffix>` (no suffix: `synthetic_shapes`)."""
+    suffix = _settings(conf)["suffix"]
+    return Path(data_path) / ("synthetic_shapes" + (f"_{suffix}" if suffix is not None else ""))
+
+
+def _identity(s: dict) -> dict:
+    """What the images depend on (split sizes and truncate only decide how many there are)."""
+    gen = s["generation"]
+    identity = {"generator_version": GENERATOR_VERSION, "image_size": gen["image_size"],
+                "resize": s["preprocessing"]["resize"], "blur_size": s["preprocessing"]["blur_size"],
+                "random_seed": gen["random_seed"], "oversampling": gen["oversampling"], "params": gen["params"]}
+    return json.loads(json.dumps(identity))  # tuples -> lists, as read back from the file
+
+
+def _chunk_files(folder: Path) -> dict:
+    """{start: (stop, path)} of the points files in a split folder (the largest stop per start)."""
+    chunks = {}
+    for path in folder.glob("*.npz") if folder.is_dir() else []:
+        try:
+            start, stop = (int(v) for v in path.stem.split("-"))
+        except ValueError:
+            continue
+        if start not in chunks or stop > chunks[start][0]:
+            chunks[start] = (stop, path)
+    return chunks
+
+
+def _chunk_starts(count: int) -> range:
+    return range(0, count, CHUNK_SIZE)
+
+
+def _missing_chunks(cache: Path, s: dict, splits) -> list:
+    tasks = []
+    for p in s["primitives"]:
+        for split in splits:
+            count = _split_count(s, p, split)
+            have = _chunk_files(cache / p / "points" / split)
+            for start in _chunk_starts(count):
+                stop = min(start + CHUNK_SIZE, count)
+                if have.get(start, (-1,))[0] < stop:
+                    tasks.append((p, split, start, stop))
+    return tasks
+
+
+def _generate_chunk(cache: Path, conf, primitive: str, split: str, start: int, stop: int) -> int:
+    """Render images start..stop-1 of one primitive/split into the cache; the points file goes last."""
+    points = []
+    for i in range(start, stop):
+        image, pts = render_sample(conf, primitive, split, i)
+        save_image(cache / primitive / "images" / split / f"{i}.png", image)
+        points.append(pts)
+    folder = cache / primitive / "points" / split
+    save_npz(folder / f"{start:06d}-{stop:06d}.npz", points=np.concatenate(points).reshape(-1, 2),
+             counts=np.array([len(p) for p in points], dtype=np.int32))
+    for old in folder.glob(f"{start:06d}-*.npz"):  # shorter chunks now superseded
+        if old.stem != f"{start:06d}-{stop:06d}":
+            old.unlink(missing_ok=True)
+    return stop - start
+
+
+def _generate_task(args) -> int:
+    return _generate_chunk(*args)
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock (several processes, e.g. DDP ranks, may ask for the same cache)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _read_manifest(cache: Path):
+    path = cache / "manifest.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        log.warning("synthetic shapes: %s is unreadable (%s); the cache will be regenerated", path, e)
+        return {}
+
+
+def _differences(old, new, prefix="") -> list:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new), key=str)
+                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def ensure_cache(data_path, conf, workers: int | None = None, splits=("training", "validation")) -> Path:
+    """Make `<data_path>/synthetic_shapes_<suffix>/` hold every image of `splits` that the conf's
+    primitives, split sizes and truncate ask for, and return that folder.
+
+    Images already there are reused when the manifest's generation parameters equal the conf's; a
+    cache made with other parameters (or by other code) is deleted and regenerated, with a warning.
+    workers: processes (default: the usable CPU cores); the images do not depend on it.
+    """
+    s = _settings(conf)
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+    cache = cache_dir(data_path, conf)
+    identity = _identity(s)
+    with _locked(cache / ".lock"):
+        manifest = _read_manifest(cache)
+        ours = [cache / p for p in PRIMITIVES if (cache / p).exists()]
+        if manifest is not None and manifest.get("identity") != identity:
+            changes = _differences(manifest.get("identity"), identity)
+            log.warning("synthetic shapes: %s was generated with other parameters (%s); deleting and "
+                        "regenerating it", cache, "; ".join(changes) or "unreadable manifest")
+        elif manifest is None and ours:
+            log.warning("synthetic shapes: %s holds shapes without a manifest; deleting and regenerating them",
+                        cache)
+        else:
+            ours = []
+        for folder in ours:
+            shutil.rmtree(folder)
+        write_json(cache / "manifest.json", {
+            "identity": identity,
+            # Informational: the request that last extended the cache (images depend on their index only).
+            "primitives": s["primitives"], "split_sizes": s["generation"]["split_sizes"],
+            "truncate": s["truncate"]})
+        tasks = _missing_chunks(cache, s, splits)
+        if tasks:
+            _run(tasks, cache, conf, workers)
+    return cache
+
+
+def _run(tasks: list, cache: Path, conf, workers: int | None) -> None:
+    workers = workers or len(os.sched_getaffinity(0))
+    total = sum(stop - start for _, _, start, stop in tasks)
+    log.info("synthetic shapes: generating %d images into %s with %d process(es)", total, cache, workers)
+    jobs = [(cache, conf, *task) for task in tasks]
+    with tqdm(total=total, desc="synthetic shapes", unit="img") as bar:
+        if workers == 1:
+            for job in jobs:
+                bar.update(_generate_task(job))
+            return
+        with multiprocessing.get_context().Pool(workers, initializer=_init_worker) as pool:
+            for done in pool.imap_unordered(_generate_task, jobs):
+                bar.update(done)
+
+
+def load_split(cache: Path, conf, split: str) -> list:
+    """[(image_path, points float32 (N, 2) x, y), ...] of `split`, in `split_samples` order.
+    The cache must be complete for the conf (`ensure_cache`); otherwise a DataError says what is missing."""
+    s = _settings(conf)
+    cache = Path(cache)
+    manifest = _read_manifest(cache)
+    if not manifest or manifest.get("identity") != _identity(s):
+        raise DataError(f"{cache}: no synthetic shapes cache for these generation parameters; "
+                        "call ensure_cache(data_path, conf) first")
+    points = {}
+    for p in s["primitives"]:
+        count = _split_count(s, p, split)
+        chunks = _chunk_files(cache / p / "points" / split)
+        per_image = []
+        for start in _chunk_starts(count):
+            stop, path = chunks.get(start, (-1, None))
+            if stop < min(start + CHUNK_SIZE, count):
+                raise DataError(f"{cache / p / 'points' / split}: images {start}.. are missing; "
+                                "call ensure_cache(data_path, conf) first")
+            data = load_npz(path, ["points", "counts"])
+            per_image.extend(np.split(data["points"], np.cumsum(data["counts"])[:-1]))
+        points[p] = per_image[:count]
+    return [(cache / p / "images" / split / f"{i}.png", points[p][i]) for p, i in split_samples(conf, split)]

@@ -13,7 +13,6 @@ import sys
 
 from pipeline import trainer
 from utils.cli import exit_on_error, setup_logging
-from utils.config import load_config
 
 TASKS = ("train_base", "train_joint")
 
@@ -29,9 +28,8 @@ def main(argv=None):
     trainer.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
-    conf = load_config(args.config, trainer.default_conf)
     try:
-        trainer.train(conf, args.exper_name, args.task, validate=args.eval, resume=args.resume, source=args.config)
+        trainer.run(args)
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

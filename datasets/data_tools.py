@@ -101,7 +101,7 @@ def bilinear_splat(points: torch.Tensor, height: int, width: int) -> torch.Tenso
 def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """(2r+1,) float64 normalised Gaussian weights exp(-d^2 / (2 sigma^2)), r = floor(3 sigma).
 
-    The support stops at 3 sigma (dropped weights are < 1.2 % of the peak): a longer tail would put
+    The support stops at 3 sigma (dropped weights are < 1.1 % of the peak): a longer tail would put
     tiny masses into neighbouring cells, and the cell targets (`labels_to_cell_targets`) turn any
     mass in a cell into a keypoint target. With the configs' sigma 0.2 the kernel is [1].
     """

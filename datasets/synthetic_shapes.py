@@ -256,15 +256,21 @@ def _random_color(rng: np.random.Generator, background_color: int, n: int | None
     return np.where(np.abs(c - background_color) < 30, (c + 128) % 256, c)
 
 
-def _different_color(rng: np.random.Generator, previous: np.ndarray, min_dist: int = 50,
-                     max_count: int = 20) -> int:
+def _different_color(rng: np.random.Generator, previous, min_dist: int = 50, max_count: int = 20) -> int:
     """A grey level at least `min_dist` from every previous one (after at most `max_count` redraws)."""
     color = int(rng.integers(256))
     for _ in range(max_count):
-        if not np.any(np.abs(previous - color) < min_dist):
+        if all(abs(p - color) >= min_dist for p in previous):
             break
         color = int(rng.integers(256))
     return color
+
+
+def _uniform_bytes(rng: np.random.Generator, shape) -> np.ndarray:
+    """Uniform 0..255 uint8 noise (the fastest noise numpy draws; the reference's cv2.randu is 0..254),
+    from a child generator: `rng` advances by one draw whatever the raster size, so the shapes drawn
+    after the noise do not depend on the resolution."""
+    return np.random.default_rng(int(rng.integers(2 ** 63))).integers(0, 256, size=shape, dtype=np.uint8)
 
 
 def _ccw(a, b, c) -> np.ndarray:
@@ -289,23 +295,32 @@ def _inside(points: np.ndarray, size) -> np.ndarray:
 def _random_polygon(rng: np.random.Generator, size, max_sides: int):
     """The reference's random polygon: 3..max_sides-1 corners in the angular slices of a circle of
     random radius, each coordinate at its own random fraction (>= 0.4) of the radius; repeated corners
-    and corners flatter than 120 degrees removed. Returns (corners (K, 2) int, centre (2,), radius)."""
+    and corners flatter than 120 degrees removed. Returns (corners (K, 2) int, centre (2,), radius).
+    Plain Python: at most 7 corners, where numpy calls would cost more than the arithmetic."""
     h, w = size
     n = int(rng.integers(3, max_sides))
     min_dim = min(h, w)
     rad = max(rng.random() * min_dim / 2, min_dim / 10)
-    centre = np.array([rng.integers(int(rad), int(w - rad)), rng.integers(int(rad), int(h - rad))])
-    slices = np.linspace(0, 2 * math.pi, n + 1)
-    angles = slices[:-1] + rng.random(n) * (slices[1:] - slices[:-1])
-    radial = np.maximum(rng.random((n, 2)), 0.4)
-    points = (centre + radial * rad * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(int)
-    points = points[np.linalg.norm(points - np.roll(points, 1, axis=0), axis=1) > 0.01]
-    if len(points) < 3:
-        return points, centre, rad
-    to_prev = (np.roll(points, 1, axis=0) - points).astype(np.float64)
-    to_next = (np.roll(points, -1, axis=0) - points).astype(np.float64)
-    cos = np.sum(to_prev * to_next, axis=1) / (np.linalg.norm(to_prev, axis=1) * np.linalg.norm(to_next, axis=1))
-    return points[np.arccos(np.clip(cos, -1, 1)) < 2 * math.pi / 3], centre, rad
+    cx, cy = int(rng.integers(int(rad), int(w - rad))), int(rng.integers(int(rad), int(h - rad)))
+    u = rng.random((n, 3)).tolist()  # per corner: position in its slice, x and y radial fractions
+    step = 2 * math.pi / n
+    corners = [(int(cx + max(fx, 0.4) * rad * math.cos((i + fa) * step)),
+                int(cy + max(fy, 0.4) * rad * math.sin((i + fa) * step)))
+               for i, (fa, fx, fy) in enumerate(u)]
+    corners = [c for i, c in enumerate(corners) if c != corners[i - 1]]
+    k = len(corners)
+    if k >= 3:
+        corners = [c for i, c in enumerate(corners)
+                   if _corner_angle(corners[i - 1], c, corners[(i + 1) % k]) < 2 * math.pi / 3]
+    return np.array(corners, dtype=int).reshape(-1, 2), np.array([cx, cy]), rad
+
+
+def _corner_angle(prev, corner, nxt) -> float:
+    """Angle at `corner` between the directions to its neighbours, in radians."""
+    ax, ay = prev[0] - corner[0], prev[1] - corner[1]
+    bx, by = nxt[0] - corner[0], nxt[1] - corner[1]
+    cos = (ax * bx + ay * by) / (math.hypot(ax, ay) * math.hypot(bx, by))
+    return math.acos(min(max(cos, -1.0), 1.0))
 
 
 def _warp_board(rng: np.random.Generator, size, points: np.ndarray, transform_params) -> np.ndarray:
@@ -338,68 +353,82 @@ def generate_background(rng: np.random.Generator, canvas: Canvas, nb_blobs: int 
     """The reference's background, drawn on `canvas`: binary noise at a random threshold, `nb_blobs`
     discs of radius in [min_rad_ratio, max_rad_ratio) x max(H, W) with contrasting grey levels, then a
     box blur of min_kernel_size..max_kernel_size-1 canvas pixels. The noise is rescaled (same mean) so
-    that after the blur it keeps the canvas-resolution variance."""
+    that after the blur it keeps the canvas-resolution variance.
+
+    Everything here is blurred by >= min_kernel_size canvas pixels (19 output pixels by default), so
+    `render` draws it on an output-size canvas and upsamples it."""
     h, w = canvas.size
     threshold = int(rng.integers(256))
     kernel = int(rng.integers(min_kernel_size, max_kernel_size))
     p_on = max(254 - threshold, 0) / 255  # cv2.randu(0, 255) is 0..254; THRESH_BINARY keeps > threshold
     gain = canvas.noise_gain(box_size=kernel)
     low = 255 * p_on * (1 - gain)
-    on = rng.random(canvas.image.shape, dtype=np.float32) < p_on
-    canvas.image[:] = np.rint(np.where(on, low + 255 * gain, low)).astype(np.uint8)
+    levels = np.where(np.arange(256) < round(p_on * 256), low + 255 * gain, low)
+    cv2.LUT(_uniform_bytes(rng, canvas.image.shape), np.rint(levels).astype(np.uint8), dst=canvas.image)
     background_color = canvas.mean()
     dim = max(h, w)
     centres = np.stack([rng.integers(0, w, nb_blobs), rng.integers(0, h, nb_blobs)], axis=1)
     radii = rng.integers(int(dim * min_rad_ratio), int(dim * max_rad_ratio), nb_blobs)
-    canvas.discs(centres, radii, _random_color(rng, background_color, nb_blobs))
+    colors = _random_color(rng, background_color, nb_blobs)
+    rows, cols = canvas.image.shape
+    last = _last_disc((0, 0, cols, rows), canvas.to_raster(centres), radii, canvas.scale, cols)
+    np.copyto(canvas.image, np.append(colors, 0).astype(np.uint8)[last], where=last >= 0)
     canvas.image[:] = cv2.blur(canvas.image, canvas.box_kernel(kernel))
 
 
-@functools.lru_cache(maxsize=8)
-def _disc_stamps(sx: float, sy: float):
-    """Raster pixels covered by a disc, for every texture-blob radius 0..19 (canvas pixels) and every
-    centre phase on a 1/8-pixel grid: pixel (floor + dx, floor + dy) is covered when its centre lies in
-    the disc (point sampling of the canvas-resolution painting). Returns (dx, dy, start, length, reach):
-    stamp k = (radius * 8 + phase_y) * 8 + phase_x is dx[start[k]:start[k] + length[k]]."""
-    radius = np.maximum(np.arange(_TEXTURE_MAX_RADIUS + 1), 0.5)  # cv2.circle(r=0) is one pixel
-    reach = int(math.ceil(_TEXTURE_MAX_RADIUS * max(sx, sy))) + 1
-    offsets = np.arange(-reach, reach + 1)
-    dy, dx = [a.reshape(-1) for a in np.meshgrid(offsets, offsets, indexing="ij")]
+def _stamp_reach(sx: float, sy: float, max_radius: int) -> int:
+    """How far (raster pixels, either axis) a disc of radius <= max_radius canvas pixels reaches from
+    its centre's pixel."""
+    return int(math.ceil(max_radius * max(sx, sy))) + 1
+
+
+@functools.lru_cache(maxsize=16)
+def _disc_stamps(sx: float, sy: float, max_radius: int, row_stride: int):
+    """Raster pixels covered by a disc, for every radius 0..max_radius (canvas pixels) and every centre
+    phase on a 1/8-pixel grid: the pixel at (cell + dx, cell + dy) is covered when its centre lies in the
+    disc (point sampling of the painting at the canvas resolution; cv2.circle(r=0) is one pixel).
+    Returns (offsets, start, length): stamp k = (radius * 8 + phase_y) * 8 + phase_x covers the flat
+    offsets offsets[start[k]:start[k] + length[k]] from its cell, in rows `row_stride` pixels long."""
     phase = np.arange(_PHASES) / _PHASES
-    inside = (((dx[None, None, None, :] - phase[None, None, :, None]) / (radius[:, None, None, None] * sx)) ** 2
-              + ((dy[None, None, None, :] - phase[None, :, None, None]) / (radius[:, None, None, None] * sy)) ** 2
-              ) <= 1
-    stamp, pixel = np.nonzero(inside.reshape(-1, dx.size))
-    length = np.bincount(stamp, minlength=inside.shape[0] * _PHASES * _PHASES)
-    start = np.concatenate([[0], np.cumsum(length)[:-1]])
-    return dx[pixel].astype(np.int64), dy[pixel].astype(np.int64), start, length, reach
+    offsets, lengths = [], []
+    for r in range(max_radius + 1):
+        rho = max(r, 0.5)
+        steps = np.arange(-_stamp_reach(sx, sy, r), _stamp_reach(sx, sy, r) + 1)
+        dy, dx = [a.reshape(-1) for a in np.meshgrid(steps, steps, indexing="ij")]
+        inside = (((dx - phase[None, :, None]) / (rho * sx)) ** 2
+                  + ((dy - phase[:, None, None]) / (rho * sy)) ** 2) <= 1  # (phase_y, phase_x, pixel)
+        stamp, pixel = np.nonzero(inside.reshape(_PHASES * _PHASES, -1))
+        offsets.append((dy * row_stride + dx)[pixel])
+        lengths.append(np.bincount(stamp, minlength=_PHASES * _PHASES))
+    length = np.concatenate(lengths)
+    return np.concatenate(offsets).astype(np.int32), np.cumsum(length) - length, length
 
 
-def _paint_discs(shape, centres: np.ndarray, radii: np.ndarray, colors: np.ndarray, base: int,
-                 scale) -> np.ndarray:
-    """Discs painted in order (later ones on top) over a `base` grey raster of `shape` (h, w).
+def _last_disc(window, centres: np.ndarray, radii: np.ndarray, scale, raster_width: int) -> np.ndarray:
+    """Which of several discs, painted in order, shows at each pixel of a window of a raster.
 
-    centres: (N, 2) raster x, y; radii: (N,) int canvas pixels (0..19); colors (N,). Vectorised: every
-    disc contributes its stamp's pixels, and each pixel takes the colour of the last disc covering it.
+    window: (x0, y0, x1, y1) raster pixels; centres: (N, 2) raster x, y; radii: (N,) int canvas pixels;
+    scale: the raster's (sx, sy); raster_width: its width (fixes the row stride, so that the stamps'
+    offsets are computed once per raster size). Returns (y1 - y0, x1 - x0) int32: the index of the
+    last disc covering each pixel centre, -1 for none. Vectorised: every disc contributes its stamp's
+    pixels, and each pixel keeps the largest index.
     """
-    dx, dy, start, length, reach = _disc_stamps(float(scale[0]), float(scale[1]))
-    h, w = shape
+    x0, y0, x1, y1 = window
+    sx, sy, max_radius = float(scale[0]), float(scale[1]), int(radii.max(initial=0))
+    reach = _stamp_reach(sx, sy, max_radius)
+    pad = 2 * reach  # discs centred up to `reach` outside the window still reach in
+    stride = raster_width + 2 * pad
+    offsets, start, length = _disc_stamps(sx, sy, max_radius, stride)
     q = np.round(centres * _PHASES).astype(np.int64)
     cell, phase = q // _PHASES, q % _PHASES
-    near = np.all((cell >= -reach) & (cell < np.array([w, h]) + reach), axis=1)
-    cell, phase, radii, colors = cell[near], phase[near], radii[near], colors[near]
-    key = (radii * _PHASES + phase[:, 1]) * _PHASES + phase[:, 0]
+    index = np.flatnonzero(np.all((cell >= np.array([x0, y0]) - reach) & (cell < np.array([x1, y1]) + reach), axis=1))
+    key = (radii[index] * _PHASES + phase[index, 1]) * _PHASES + phase[index, 0]
     n = length[key]
-    disc = np.repeat(np.arange(len(key)), n)
-    ptr = np.arange(int(n.sum())) + np.repeat(start[key] - (np.cumsum(n) - n), n)
-    pad = 2 * reach  # discs centred up to `reach` outside still reach in; their stamps reach `reach` further
-    padded_w = w + 2 * pad
-    flat = (cell[disc, 1] + pad + dy[ptr]) * padded_w + (cell[disc, 0] + pad + dx[ptr])
-    last = np.full((h + 2 * pad) * padded_w, -1, np.int64)
-    np.maximum.at(last, flat, disc)
-    last = last.reshape(h + 2 * pad, padded_w)[pad:pad + h, pad:pad + w]
-    palette = np.append(colors, base).astype(np.uint8)  # index -1 (no disc) -> base
-    return palette[last]
+    ptr = np.arange(int(n.sum()), dtype=np.int32) + np.repeat((start[key] - (np.cumsum(n) - n)).astype(np.int32), n)
+    origin = (cell[index, 1] - y0 + pad) * stride + cell[index, 0] + pad
+    last = np.full((y1 - y0 + 2 * pad) * stride, -1, np.int32)
+    np.maximum.at(last, np.repeat(origin.astype(np.int32), n) + offsets[ptr], np.repeat(index.astype(np.int32), n))
+    return last.reshape(-1, stride)[pad:pad + y1 - y0, x0 + pad:x1 + pad]
 
 
 def _fill_with_texture(rng: np.random.Generator, canvas: Canvas, corners: np.ndarray, background_color: int,
@@ -421,14 +450,13 @@ def _fill_with_texture(rng: np.random.Generator, canvas: Canvas, corners: np.nda
     y1 = min(int(math.ceil(polygon[:, 1].max())) + ky // 2 + 2, rh)
     if x1 <= x0 or y1 <= y0:
         return
-    origin = np.array([x0, y0])
-    texture = _paint_discs((y1 - y0, x1 - x0), canvas.to_raster(centres) - origin, radii, colors, base,
-                           canvas.scale)
+    last = _last_disc((x0, y0, x1, y1), canvas.to_raster(centres), radii, canvas.scale, rw)
+    texture = np.append(colors, base).astype(np.uint8)[last]  # index -1 (no disc) -> base
     # Border reflection (cv2.blur's default) matters only where the region touches the raster border,
     # where the reference's full-size blur reflects too.
     texture = cv2.blur(texture, (kx, ky))
     mask = np.zeros(texture.shape, np.uint8)
-    cv2.fillPoly(mask, [_fixed(polygon - origin)], 1, cv2.LINE_8, _SHIFT)
+    cv2.fillPoly(mask, [_fixed(polygon - (x0, y0))], 1, cv2.LINE_8, _SHIFT)
     np.copyto(canvas.image[y0:y1, x0:x1], texture, where=mask.astype(bool))
 
 
@@ -478,7 +506,8 @@ def draw_multiple_polygons(rng: np.random.Generator, canvas: Canvas, max_sides: 
         if len(corners) < 3:
             continue
         edges = np.concatenate([corners, np.roll(corners, -1, axis=0)], axis=1)
-        nested = any(np.linalg.norm(centre - c) + min(rad, r) < max(rad, r) for c, r in zip(centres, radii))
+        nested = any(math.hypot(centre[0] - c[0], centre[1] - c[1]) + min(rad, r) < max(rad, r)
+                     for c, r in zip(centres, radii))
         if nested or _crosses(segments, edges):
             continue
         centres.append(centre)
@@ -546,15 +575,15 @@ def draw_checkerboard(rng: np.random.Generator, canvas: Canvas, max_rows: int = 
     def corner(i, j):
         return grid[i * (cols + 1) + j]
 
-    colors = np.zeros((rows, cols), dtype=int)
+    colors = [[0] * cols for _ in range(rows)]
     for i in range(rows):
         for j in range(cols):
             if i == 0 and j == 0:
                 color = int(_random_color(rng, background_color))
             else:
-                neighbours = ([colors[i - 1, j]] if i else []) + ([colors[i, j - 1]] if j else [])
-                color = _different_color(rng, np.array(neighbours))
-            colors[i, j] = color
+                neighbours = ([colors[i - 1][j]] if i else []) + ([colors[i][j - 1]] if j else [])
+                color = _different_color(rng, neighbours)
+            colors[i][j] = color
             canvas.fill_polygon([corner(i, j), corner(i, j + 1), corner(i + 1, j + 1), corner(i + 1, j)], color)
     nb_rows, nb_cols = int(rng.integers(2, rows + 2)), int(rng.integers(2, cols + 2))
     thickness = int(rng.integers(int(min_dim * 0.01), int(min_dim * 0.015)))
@@ -636,9 +665,8 @@ def draw_cube(rng: np.random.Generator, canvas: Canvas, min_size_ratio: float = 
 def gaussian_noise(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
     """Uniform noise 0..254 over the whole image (scaled about its mean so that after the final blur
     and resize it has the canvas-resolution standard deviation). No keypoints."""
-    gain = canvas.noise_gain()
-    noise = rng.integers(0, 255, size=canvas.image.shape).astype(np.float32)
-    canvas.image[:] = np.clip(np.rint(127 + (noise - 127) * gain), 0, 255).astype(np.uint8)
+    levels = 127 + (np.arange(256) - 127.5) * canvas.noise_gain()
+    cv2.LUT(_uniform_bytes(rng, canvas.image.shape), np.rint(levels).astype(np.uint8), dst=canvas.image)
     return np.empty((0, 2), dtype=int)
 
 
@@ -650,9 +678,16 @@ _DRAW = {name: globals()[name] for name in PRIMITIVES}
 
 
 def _settings(conf) -> dict:
-    """The keys of `generation_defaults` from a dataset conf, merged with the defaults and checked."""
+    """The keys of `generation_defaults` from a dataset conf, merged with the defaults and checked.
+    Cached per distinct value (rendering calls this per image): treat the result as read-only."""
     conf = conf or {}
-    s = merge(generation_defaults, {k: conf[k] for k in generation_defaults if k in conf}, source="data")
+    relevant = {k: conf[k] for k in generation_defaults if k in conf}
+    return _settings_of(json.dumps(relevant, sort_keys=True, default=repr))
+
+
+@functools.lru_cache(maxsize=32)
+def _settings_of(conf_json: str) -> dict:
+    s = merge(generation_defaults, json.loads(conf_json), source="config", prefix="data.")
     names = s["primitives"]
     names = list(PRIMITIVES) if names == "all" else ([names] if isinstance(names, str) else list(names))
     unknown = [p for p in names if p not in PRIMITIVES]
@@ -670,9 +705,8 @@ def _settings(conf) -> dict:
         if split not in SPLITS or not isinstance(size, int) or size < 0:
             raise ConfigError(f"data.generation.split_sizes.{split} is {size!r}; expected a split among "
                               f"{list(SPLITS)} with a non-negative integer")
-    for key in ("image_size",):
-        if len(gen[key]) != 2 or min(gen[key]) < 1:
-            raise ConfigError(f"data.generation.{key} is {gen[key]!r}; expected [height, width]")
+    if len(gen["image_size"]) != 2 or min(gen["image_size"]) < 1:
+        raise ConfigError(f"data.generation.image_size is {gen['image_size']!r}; expected [height, width]")
     resize = s["preprocessing"]["resize"]
     if len(resize) != 2 or min(resize) < 1:
         raise ConfigError(f"data.preprocessing.resize is {resize!r}; expected [height, width]")
@@ -696,12 +730,16 @@ def render(primitive: str, rng: np.random.Generator, conf=None):
     if primitive not in PRIMITIVES:
         raise ValueError(f"unknown primitive {primitive!r}; expected one of {list(PRIMITIVES)}")
     gen = s["generation"]
-    size, out = tuple(gen["image_size"]), tuple(s["preprocessing"]["resize"])
+    size, out, blur = tuple(gen["image_size"]), tuple(s["preprocessing"]["resize"]), s["preprocessing"]["blur_size"]
     raster = size if gen["oversampling"] is None else tuple(gen["oversampling"] * v for v in out)
-    canvas = Canvas(size, raster, s["preprocessing"]["blur_size"])
+    canvas = Canvas(size, raster, blur)
     params = gen["params"]
     if primitive != "gaussian_noise":
-        generate_background(rng, canvas, **params["generate_background"])
+        # Heavily blurred (see generate_background): drawn at the output size, then upsampled.
+        background = canvas if gen["oversampling"] is None else Canvas(size, out, blur)
+        generate_background(rng, background, **params["generate_background"])
+        if background is not canvas:
+            canvas.image[:] = cv2.resize(background.image, raster[::-1], interpolation=cv2.INTER_LINEAR)
     points = _DRAW[primitive](rng, canvas, **params[primitive])
     image = canvas.finish(out)
     scale = (out[1] / size[1], out[0] / size[0])

@@ -13,8 +13,9 @@ from torch import nn
 
 from models import get_model
 from utils import precision as precision_lib
-from utils.checkpoints import load_weights_into
+from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, merge
+from utils.io import DataError
 from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
 
 default_conf = {
@@ -36,6 +37,35 @@ def weights_path(conf: Mapping) -> str | None:
     """`model.pretrained`, else a top-level `pretrained` (the reference's configs use both)."""
     model = conf.get("model") or {}
     return model.get("pretrained") or conf.get("pretrained") or None
+
+
+# ITU-R BT.601 luma weights of R, G, B: the weights of OpenCV's cvtColor, so a tensor converted here
+# equals the same file read grey by utils.io.read_image (up to its uint8 rounding).
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def network_for_weights(path) -> str:
+    """`model.name` of the network whose layout the weights file has: `SuperPointNet_pretrained` for
+    MagicLeap's (`conv1a.weight`, ...), `SuperPointNet_gauss2` for the reference's (`inc.conv...`),
+    plain state_dicts and reference checkpoints alike. Anything else is a DataError naming the file."""
+    state = extract_state_dict(load_checkpoint(path), str(path))
+    if "conv1a.weight" in state:
+        return "SuperPointNet_pretrained"
+    if any(k.startswith("inc.") for k in state):
+        return "SuperPointNet_gauss2"
+    raise DataError(f"{path}: weights of neither SuperPoint layout (MagicLeap's conv1a..., the reference's "
+                    f"inc...); first keys: {sorted(state)[:4]}")
+
+
+def to_grey(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) grey or (B, 3, H, W) RGB, values in [0, 1] -> (B, 1, H, W) grey (GREY_WEIGHTS)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images have shape {tuple(images.shape)}; expected (B, 1, H, W) grey or "
+                         f"(B, 3, H, W) RGB with values in [0, 1]")
+    if images.shape[1] == 1:
+        return images
+    weights = torch.tensor(GREY_WEIGHTS, dtype=images.dtype, device=images.device)
+    return (images * weights[:, None, None]).sum(dim=1, keepdim=True)
 
 
 def check_image_size(height: int, width: int, source: str = "image") -> None:
@@ -111,3 +141,44 @@ class SuperPointExtractor(nn.Module):
             "heatmap": heatmap,
             "dense_descriptors": dense_descriptors,
         }
+
+    @classmethod
+    def from_weights(cls, path, device: torch.device | str = "cpu", **conf) -> "SuperPointExtractor":
+        """An extractor for a weights file, the network picked from its layout (`network_for_weights`).
+        conf: other `model` keys (detection_threshold, nms, top_k, precision, ...)."""
+        return cls({**conf, "name": network_for_weights(path), "pretrained": str(path)}, device=device)
+
+    @torch.inference_mode()
+    def extract(self, images: torch.Tensor) -> dict:
+        """LightGlue-style features of a batch of images.
+
+        images: (B, 1, H, W) grey or (B, 3, H, W) RGB, float in [0, 1], any H, W >= 8: the network
+        sees the top-left (H // 8 * 8, W // 8 * 8) region (a crop leaves coordinates unchanged; the
+        last H % 8 rows and W % 8 columns get no keypoints).
+        Returns, on the extractor's device, N the largest keypoint count of the batch:
+          'keypoints'       (B, N, 2) float32 x, y pixels of the input (pixel centres at integers)
+          'keypoint_scores' (B, N) float32, each image's points by decreasing score
+          'descriptors'     (B, N, D) float32 unit vectors (D = 256)
+          'image_size'      (B, 2) float32 [W, H] of the input
+          'mask'            (B, N) bool, True for real keypoints; images with fewer than N points are
+                            padded at the end with zero keypoints, scores and descriptors.
+        """
+        grey = to_grey(images)
+        height, width = grey.shape[-2:]
+        check_image_size(height // 8 * 8, width // 8 * 8, f"images of size {height}x{width}")
+        pred = self.forward(grey[..., :height // 8 * 8, :width // 8 * 8])
+        batch, n = grey.shape[0], max((len(k) for k in pred["keypoints"]), default=0)
+        dim = pred["dense_descriptors"].shape[1]
+        out = {
+            "keypoints": torch.zeros(batch, n, 2, device=self.device),
+            "keypoint_scores": torch.zeros(batch, n, device=self.device),
+            "descriptors": torch.zeros(batch, n, dim, device=self.device),
+            "image_size": torch.tensor([[width, height]] * batch, dtype=torch.float32, device=self.device),
+            "mask": torch.zeros(batch, n, dtype=torch.bool, device=self.device),
+        }
+        for i, (kp, sc, desc) in enumerate(zip(pred["keypoints"], pred["keypoint_scores"], pred["descriptors"])):
+            out["keypoints"][i, :len(kp)] = kp
+            out["keypoint_scores"][i, :len(kp)] = sc
+            out["descriptors"][i, :len(kp)] = desc
+            out["mask"][i, :len(kp)] = True
+        return out

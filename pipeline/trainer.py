@@ -59,7 +59,7 @@ from models import extractor, get_model
 from utils import precision as precision_lib
 from utils.checkpoints import checkpoint_name, load_weights_into, save_checkpoint
 from utils.cli import tensorboard_dir
-from utils.config import IGNORED, OPEN, ConfigError, check_choice, combine
+from utils.config import IGNORED, OPEN, ConfigError, check_choice, combine, load_config
 from utils.draw import GREEN, RED, draw_keypoints
 from utils.io import append_jsonl, write_text
 from utils.keypoints import extract_keypoints, logits_to_heatmap
@@ -684,6 +684,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints "
                              "(model, optimizer and iteration)")
+
+
+def run(args) -> dict:
+    """`train4.py <task> <config> <exper_name> [--eval] [--resume]`."""
+    conf = load_config(args.config, default_conf)
+    return train(conf, args.exper_name, args.task, validate=args.eval, resume=args.resume, source=args.config)
 
 
 def train(conf: dict, exper_name: str, task: str, validate: bool = False, resume: bool = False,

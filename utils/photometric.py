@@ -72,7 +72,7 @@ def additive_speckle_noise(image: np.ndarray, rng: np.random.Generator, prob_ran
     prob = rng.uniform(*prob_range)
     draw = rng.random(image.shape, dtype=np.float32)
     out = np.where(draw < prob, np.float32(0.0), image)
-    return np.where(draw >= 1.0 - prob, np.float32(1.0), out).astype(np.float32)
+    return np.where(draw >= 1.0 - prob, np.float32(1.0), out)
 
 
 def additive_shade(image: np.ndarray, rng: np.random.Generator, nb_ellipses: int, transparency_range,
@@ -97,7 +97,7 @@ def additive_shade(image: np.ndarray, rng: np.random.Generator, nb_ellipses: int
     kernel_size = int(rng.integers(lo, max(hi, lo + 1)))
     kernel_size += 1 - kernel_size % 2  # odd, as OpenCV requires
     blurred = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (kernel_size, kernel_size), 0)
-    return np.clip(image * (1.0 - np.float32(transparency) * blurred), 0.0, 1.0).astype(np.float32)
+    return np.clip(image * (1.0 - np.float32(transparency) * blurred), 0.0, 1.0)
 
 
 MOTION_DIRECTIONS = ("horizontal", "vertical", "diagonal_down", "diagonal_up")

@@ -15,15 +15,14 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 import settings
 from datasets import patches_dataset
 from models import extractor as extractor_lib
 from utils import homography_adaptation as ha
-from utils.config import IGNORED, OPEN, combine, load_config
-from utils.io import DataError, save_npz, write_json, write_text
+from utils.config import IGNORED, OPEN, combine, dump_config, load_config
+from utils.io import DataError, save_npz, write_json
 from utils.keypoints import logits_to_heatmap
 from utils.matching import mutual_nearest_neighbours
 
@@ -74,15 +73,8 @@ def prepare_output(exper_name: str, conf: Mapping) -> Path:
     exper_dir = Path(settings.EXPER_PATH) / exper_name
     predictions = exper_dir / "predictions"
     predictions.mkdir(parents=True, exist_ok=True)
-    write_text(exper_dir / "config.yml", yaml.safe_dump(_plain(conf), sort_keys=False))
+    dump_config(exper_dir / "config.yml", conf)
     return predictions
-
-
-def _plain(obj):
-    """Config dict with markers resolved, for dumping."""
-    if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj if isinstance(obj, (list, str, int, float, bool, type(None))) else str(obj)
 
 
 def export_pairs(dataset, describe_pair: Callable[[dict], dict], predictions: Path, resume: bool = False) -> dict:

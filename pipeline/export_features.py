@@ -37,7 +37,6 @@ import cv2
 import h5py
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 import settings
@@ -45,10 +44,9 @@ from datasets.Coco import check_resize, list_images
 from datasets.image_folder import IMAGE_SUFFIXES
 from datasets.Kitti_inh import resolve_path
 from models import extractor as extractor_lib
-from pipeline.export_descriptor import _plain as plain_config
-from utils.config import ConfigError, load_config, require
+from utils.config import ConfigError, dump_config, load_config, require
 from utils.geometry import scale_homography, warp_points
-from utils.io import DataError, read_image, write_json, write_text
+from utils.io import DataError, read_image, write_json
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +193,7 @@ def run(args) -> dict:
     root = resolve_path(conf["data"]["root"], "root", Path(settings.DATA_PATH), args.config)
     exper_dir = Path(settings.EXPER_PATH) / args.exper_name
     exper_dir.mkdir(parents=True, exist_ok=True)
-    write_text(exper_dir / "config.yml", yaml.safe_dump(plain_config(conf), sort_keys=False))
+    dump_config(exper_dir / "config.yml", conf)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = extractor_lib.SuperPointExtractor(conf["model"], device=device)
     output = exper_dir / "features.h5"

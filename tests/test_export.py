@@ -23,8 +23,9 @@ def exper(tmp_path, monkeypatch, hpatches):
     return tmp_path / "logs"
 
 
-def magicleap_config(tmp_path, weights, **model):
-    conf = {"data": {"dataset": "hpatches", "alteration": "all", "preprocessing": {"resize": [240, 320]}},
+def magicleap_config(tmp_path, weights, truncate=None, **model):
+    conf = {"data": {"dataset": "hpatches", "alteration": "all", "preprocessing": {"resize": [240, 320]},
+                     "truncate": truncate},
             "model": {"name": "SuperPointNet_pretrained", "pretrained": str(weights), "detection_threshold": 0.015,
                       "nms": 4, "top_k": 1000, "nn_thresh": 1.0, "subpixel": {"enable": True, "patch_size": 5},
                       **model}}
@@ -81,7 +82,7 @@ def test_sift_export_then_evaluation(exper):
 
 
 def test_protocol_switches_and_resume(exper, tmp_path, magicleap_weights):
-    config = magicleap_config(tmp_path, magicleap_weights)
+    config = magicleap_config(tmp_path, magicleap_weights, truncate=4)
     export.main(["export_descriptor", str(config), "paper", "--resize", "480", "640", "--nms", "8",
                  "--top-k", "50", "--detection-threshold", "0.05"])
     data = np.load(exper / "paper" / "predictions" / "0.npz")
@@ -117,10 +118,8 @@ def test_cli_errors_name_the_problem(exper, tmp_path, magicleap_weights, capsys,
 
 
 def test_homography_adaptation_option_at_export(exper, tmp_path, magicleap_weights):
-    base = {"data": {"dataset": "hpatches", "truncate": 1}}
-    config = magicleap_config(tmp_path, magicleap_weights)
+    config = magicleap_config(tmp_path, magicleap_weights, truncate=1)
     conf = yaml.safe_load(config.read_text())
-    conf["data"].update(base["data"])
     for num in (0, 1, 6):
         conf["model"]["homography_adaptation"] = {"num": num, "chunk": 3}
         config.write_text(yaml.safe_dump(conf))

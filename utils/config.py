@@ -126,3 +126,19 @@ def check_choice(value: Any, choices, key: str, source: str = "config") -> Any:
     if value not in choices:
         raise ConfigError(f"{source}: '{key}' is {value!r}; expected one of {list(choices)}")
     return value
+
+
+def to_plain(obj: Any) -> Any:
+    """A config with its markers and other objects turned into YAML-safe values."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool, type(None))) else str(obj)
+
+
+def dump_config(path: str | Path, conf: Mapping) -> None:
+    """Write a (merged) config as YAML, atomically: the experiment's record of what ran."""
+    from utils.io import write_text  # utils.io imports nothing from here; local to keep config light
+
+    write_text(path, yaml.safe_dump(to_plain(conf), sort_keys=False))

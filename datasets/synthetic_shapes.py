@@ -16,24 +16,34 @@ render_sample(conf, primitive, split, index, seed=None)
                                 index); the on-the-fly mode (no disk), pixel-identical to the cached image
 ensure_cache(data_path, conf, workers=None, splits=("training", "validation")) -> Path
                                 generates what is missing of `<data_path>/synthetic_shapes_<suffix>/`
-                                (parallel, tqdm, atomic writes) and returns that folder
+                                (worker processes, tqdm) and returns that folder
 load_split(cache_dir, conf, split) -> [(image_path, points), ...] in `split_samples` order
+Canvas, generate_background and the nine primitives (`draw_lines(rng, canvas, nb_lines=10)` ...) are
+the building blocks of `render`: each primitive draws on a Canvas that already holds the background
+and returns its keypoints in canvas pixels.
 
 `conf` is the dataset's `data` section: the keys of `generation_defaults` are read (and validated), any
 other key is left to the dataset. Points are always (x, y) in pixels of the returned image, with the
-project's convention (utils.geometry: pixel centres at integers).
+project's convention (utils.geometry: pixel centres at integers). Rendering in forked DataLoader workers
+is fine; do not call cv2.setNumThreads inside a forked process (OpenCV then deadlocks).
 
 How samples are drawn (reference-spec section 3.4)
 --------------------------------------------------
-Every primitive samples its shapes exactly as the reference does, in the coordinates of an
-`image_size` image (960 x 1280), with keypoints at integer pixels of that image. The reference then
-draws at 960 x 1280, applies `cv2.GaussianBlur` (blur_size x blur_size, sigma from the kernel size) and
-resizes to 120 x 160 with INTER_LINEAR. Here a `Canvas` draws the same shapes straight onto a raster of
-`oversampling` x `resize` pixels (480 x 640 by default), with sub-pixel coordinates (OpenCV's `shift`),
-and scales the blur and the noise so that the resized image has the same blur and the same noise
-variance as the reference's. `oversampling: null` draws at `image_size`, as the reference does.
-The one costly part of the reference, the 3,000-blob texture of every polygon of
-`draw_multiple_polygons`, is painted only around its polygon and with vectorised disc stamps.
+Every primitive samples its shapes as the reference does, in the coordinates of an `image_size` image
+(960 x 1280, "canvas pixels"), with keypoints at integer canvas pixels. The reference then draws at
+960 x 1280, applies `cv2.GaussianBlur` (blur_size x blur_size, sigma from the kernel size) and resizes
+to 120 x 160 with INTER_LINEAR; that costs ~8 ms per image, and ~130 ms for draw_multiple_polygons,
+whose every polygon gets a 3,000-blob texture drawn and blurred at full size. Here:
+* a `Canvas` draws the shapes straight onto a raster of `oversampling` x `resize` pixels (480 x 640 by
+  default) with sub-pixel coordinates (OpenCV's `shift`), sizing lines, discs and ellipses to cover
+  what the reference's calls covered, and scales the final blur (same sigma in output pixels) and the
+  noise (same standard deviation after the blur and resize);
+* the background, box-blurred by >= 150 canvas pixels (19 output pixels), is drawn at the output size
+  and upsampled;
+* a polygon's texture, box-blurred by >= 50 canvas pixels (6 output pixels), is painted only around
+  the polygon, at twice the output size, with vectorised disc stamps (`_last_disc`), then upsampled.
+`oversampling: null` draws the shapes at `image_size` as the reference does (the background still at
+the output size): tests/test_synthetic_shapes.py compares both, image by image.
 
 Differences from the reference, all deliberate: one seeded `np.random.Generator` per image (the
 reference mixed a seeded RandomState with the unseeded global one); points stored (x, y) in the
@@ -41,11 +51,12 @@ output's pixel convention, (x + 0.5) s - 0.5, instead of (y, x) scaled by s; onl
 `truncate` keeps and only the requested splits are generated (images depend on their index only, so a
 larger set later reuses them); `gaussian_noise` skips the background it would overwrite anyway.
 
-Cache layout: `<cache>/manifest.json` (generation parameters and generator version; a cache with other
-parameters is deleted and regenerated), `<cache>/<primitive>/images/<split>/<i>.png` and
-`<cache>/<primitive>/points/<split>/<start>-<stop>.npz` (keys `points` (M, 2) float32 and `counts`
-(stop - start,) int32: the points of images start..stop-1, concatenated). A chunk's npz is written last,
-so its presence means its images are complete.
+Cache layout: `<cache>/manifest.json` (the generation parameters and GENERATOR_VERSION; a cache made
+with other ones is deleted and regenerated, with a warning), `<cache>/<primitive>/images/<split>/<i>.png`
+and `<cache>/<primitive>/points/<split>/<start>-<stop>.npz` (keys `points` (M, 2) float32 and `counts`
+(stop - start,) int32: the points of images start..stop-1, concatenated). Images are generated in chunks
+of CHUNK_SIZE; a chunk's points file is written atomically after its images and commits the chunk, so
+an interrupted generation resumes with the uncommitted chunks.
 """
 from __future__ import annotations
 
@@ -67,7 +78,7 @@ from tqdm import tqdm
 
 from utils.config import OPEN, ConfigError, merge
 from utils.geometry import resize_points
-from utils.io import DataError, load_npz, save_image, save_npz, write_json
+from utils.io import DataError, load_npz, save_npz, write_json
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +95,7 @@ PRIMITIVES = (
 )
 SPLITS = ("training", "validation", "test")
 # Bump whenever a change to this module changes the images or points it produces.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 CHUNK_SIZE = 100  # images per points file and per generation task
 
 generation_defaults = {
@@ -116,7 +127,7 @@ generation_defaults = {
 }
 
 _SHIFT = 4  # OpenCV fixed-point bits: shapes are placed to 1/16 raster pixel
-_COORD_LIMIT = 2.0 ** 26  # |raster coordinate| bound so that fixed-point values fit in int32
+_FIXED_LIMIT = 2.0 ** 30  # |fixed-point raster coordinate| bound: int32
 _TEXTURE_MAX_RADIUS = 19  # blobs of the polygons' texture: radius randint(20), canvas pixels
 _PHASES = 8  # disc stamps are precomputed for centres on a 1/8 raster-pixel grid
 
@@ -137,70 +148,79 @@ class Canvas:
 
     image: (h, w) uint8 raster. scale: (sx, sy) raster pixels per canvas pixel.
     blur_size: the reference's final Gaussian kernel size in canvas pixels (see `finish`).
+    texture_step: raster pixels per pixel of the grid the polygons' blurred textures are painted on.
     """
 
-    def __init__(self, size, raster_shape, blur_size: int):
+    def __init__(self, size, raster_shape, blur_size: int, texture_step: int = 1):
         self.size = (int(size[0]), int(size[1]))
         self.image = np.zeros(tuple(int(v) for v in raster_shape), np.uint8)
         self.scale = np.array([raster_shape[1] / size[1], raster_shape[0] / size[0]])
         self.blur_size = int(blur_size)
-
-    @property
-    def height(self) -> int:
-        return self.size[0]
-
-    @property
-    def width(self) -> int:
-        return self.size[1]
+        if raster_shape[0] % texture_step or raster_shape[1] % texture_step:
+            raise ValueError(f"texture_step {texture_step} does not divide the raster shape {raster_shape}")
+        self.texture_step = int(texture_step)
+        self._background_color = None
 
     def to_raster(self, points) -> np.ndarray:
         """(..., 2) canvas x, y -> raster x, y (float64)."""
         return (np.asarray(points, dtype=np.float64) + 0.5) * self.scale - 0.5
 
+    def _fixed_point(self, x: float, y: float) -> tuple:
+        """One canvas point -> OpenCV fixed-point raster point (plain Python: called per line end)."""
+        u = ((x + 0.5) * self.scale[0] - 0.5) * (1 << _SHIFT)
+        v = ((y + 0.5) * self.scale[1] - 0.5) * (1 << _SHIFT)
+        return (int(round(min(max(u, -_FIXED_LIMIT), _FIXED_LIMIT))),
+                int(round(min(max(v, -_FIXED_LIMIT), _FIXED_LIMIT))))
+
     def mean(self) -> int:
-        """int(mean grey level): the reference's `background_color`."""
+        """int(mean grey level) of the raster."""
         return int(cv2.mean(self.image)[0])
+
+    @property
+    def background_color(self) -> int:
+        """The mean grey level of the background, as the primitives use it for contrast: set by
+        `render` from the background it drew (so that every raster size gets the same value, hence
+        the same colours), else the current mean."""
+        return self.mean() if self._background_color is None else self._background_color
+
+    @background_color.setter
+    def background_color(self, value: int) -> None:
+        self._background_color = int(value)
 
     def box_kernel(self, size: int) -> tuple:
         """Raster size (kx, ky) of a box blur of `size` canvas pixels."""
-        return tuple(max(1, int(round(size * s))) for s in self.scale)
+        return _box_kernel(size, self.scale)
 
     def fill_polygon(self, points, color) -> None:
         """cv2.fillPoly of the canvas polygon (N, 2)."""
         cv2.fillPoly(self.image, [_fixed(self.to_raster(points))], int(color), cv2.LINE_8, _SHIFT)
 
-    def discs(self, centres, radii, colors) -> None:
-        """Filled discs (cv2.circle(..., -1) of the canvas): centres (N, 2), radii (N,) in canvas pixels."""
-        centres = _fixed(self.to_raster(centres)).reshape(-1, 2)
-        radii = np.asarray(radii, dtype=np.float64).reshape(-1)
-        # cv2.circle covers about pi r^2 pixels (one for r = 0); the sub-pixel ellipse adds half a pixel
-        axes = np.maximum(np.maximum(radii, 0.5)[:, None] * self.scale - 0.5, 0)
-        axes = np.round(axes * (1 << _SHIFT)).astype(np.int64)
-        for c, a, color in zip(centres.tolist(), axes.tolist(), np.asarray(colors).reshape(-1).tolist()):
-            cv2.ellipse(self.image, c, a, 0, 0, 360, int(color), -1, cv2.LINE_8, _SHIFT)
-
     def ellipse(self, centre, axes, angle_deg: float, color) -> None:
-        """cv2.ellipse(img, centre, axes, angle, 0, 360, color, -1) of the canvas."""
-        # Outline half a canvas pixel out (the reference's fill) less the half raster pixel of ours.
-        a, b = np.asarray(axes, dtype=np.float64) + 0.5 - 0.5 / self.scale.mean()
-        t = np.linspace(0, 2 * np.pi, 180, endpoint=False)
-        c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
-        x, y = a * np.cos(t), b * np.sin(t)
-        outline = np.stack([c * x - s * y, s * x + c * y], axis=1) + np.asarray(centre, dtype=np.float64)
-        self.fill_polygon(outline, color)
+        """cv2.ellipse(img, centre, axes, angle, 0, 360, color, -1) of the canvas (exact when the raster
+        keeps the canvas's aspect ratio, as the reference's resizes do)."""
+        # Both fills cover half a pixel beyond the outline: half a canvas pixel for the reference.
+        a, b = ((v + 0.5) * s - 0.5 for v, s in zip(axes, self.scale))
+        axes = (int(round(max(a, 0) * (1 << _SHIFT))), int(round(max(b, 0) * (1 << _SHIFT))))
+        cv2.ellipse(self.image, self._fixed_point(*centre), axes, float(angle_deg), 0, 360, int(color), -1,
+                    cv2.LINE_8, _SHIFT)
 
     def line(self, p1, p2, thickness: int, color) -> None:
         """cv2.line(img, p1, p2, color, thickness) of the canvas: 2 ceil(t / 2) + 1 pixels wide
-        (what OpenCV covers at thickness t), with round caps."""
-        p1, p2 = np.asarray(p1, dtype=np.float64), np.asarray(p2, dtype=np.float64)
+        (what OpenCV covers at thickness t), with round caps. Plain Python arithmetic: a few points."""
+        (x1, y1), (x2, y2) = (float(v) for v in p1), (float(v) for v in p2)
+        color = int(color)
         half = (2 * math.ceil(thickness / 2) + 1) / 2
-        d = p2 - p1
-        length = math.hypot(*d)
+        length = math.hypot(x2 - x1, y2 - y1)
         if length > 0:
-            body_half = max(half - 0.5 / self.scale.mean(), 0)  # the fill adds half a raster pixel
-            n = np.array([-d[1], d[0]]) / length * body_half
-            self.fill_polygon(np.stack([p1 + n, p2 + n, p2 - n, p1 - n]), color)
-        self.discs(np.stack([p1, p2]), [half, half], [color, color])
+            k = max(half - 0.5 / self.scale.mean(), 0) / length  # the fill adds half a raster pixel
+            nx, ny = (y1 - y2) * k, (x2 - x1) * k
+            body = [self._fixed_point(x1 + nx, y1 + ny), self._fixed_point(x2 + nx, y2 + ny),
+                    self._fixed_point(x2 - nx, y2 - ny), self._fixed_point(x1 - nx, y1 - ny)]
+            cv2.fillPoly(self.image, [np.array(body, np.int32)], color, cv2.LINE_8, _SHIFT)
+        # Caps: discs of radius `half`; the sub-pixel ellipse adds half a raster pixel too.
+        axes = tuple(int(round(max(half * s - 0.5, 0) * (1 << _SHIFT))) for s in self.scale)
+        for x, y in ((x1, y1), (x2, y2)):
+            cv2.ellipse(self.image, self._fixed_point(x, y), axes, 0, 0, 360, color, -1, cv2.LINE_8, _SHIFT)
 
     def noise_gain(self, box_size: int | None = None) -> float:
         """Factor on per-pixel noise deviations that gives noise drawn on the raster the standard
@@ -235,6 +255,11 @@ class Canvas:
         return cv2.resize(blurred, (int(out_shape[1]), int(out_shape[0])), interpolation=cv2.INTER_LINEAR)
 
 
+def _box_kernel(size: int, scale) -> tuple:
+    """(kx, ky) of a box blur of `size` canvas pixels on a grid of `scale` (sx, sy) pixels per canvas pixel."""
+    return tuple(max(1, int(round(size * s))) for s in scale)
+
+
 def _blur_sigma(ksize: int) -> float:
     """OpenCV's sigma for GaussianBlur(ksize, 0)."""
     return 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
@@ -242,8 +267,8 @@ def _blur_sigma(ksize: int) -> float:
 
 def _fixed(raster_points) -> np.ndarray:
     """Raster x, y -> int32 fixed-point (N, 1, 2) for OpenCV's `shift` argument."""
-    p = np.clip(np.asarray(raster_points, dtype=np.float64), -_COORD_LIMIT, _COORD_LIMIT)
-    return np.round(p * (1 << _SHIFT)).astype(np.int32).reshape(-1, 1, 2)
+    p = np.clip(np.asarray(raster_points, dtype=np.float64) * (1 << _SHIFT), -_FIXED_LIMIT, _FIXED_LIMIT)
+    return np.round(p).astype(np.int32).reshape(-1, 1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,27 +317,31 @@ def _inside(points: np.ndarray, size) -> np.ndarray:
     return points[keep]
 
 
-def _random_polygon(rng: np.random.Generator, size, max_sides: int):
-    """The reference's random polygon: 3..max_sides-1 corners in the angular slices of a circle of
-    random radius, each coordinate at its own random fraction (>= 0.4) of the radius; repeated corners
-    and corners flatter than 120 degrees removed. Returns (corners (K, 2) int, centre (2,), radius).
-    Plain Python: at most 7 corners, where numpy calls would cost more than the arithmetic."""
+def _random_polygons(rng: np.random.Generator, size, max_sides: int, count: int) -> list:
+    """`count` of the reference's random polygons: 3..max_sides-1 corners in the angular slices of a
+    circle of random radius, each coordinate at its own random fraction (>= 0.4) of the radius;
+    repeated corners and corners flatter than 120 degrees removed.
+    Returns [(corners (K, 2) int, centre (cx, cy), radius), ...]; K may fall below 3."""
     h, w = size
-    n = int(rng.integers(3, max_sides))
     min_dim = min(h, w)
-    rad = max(rng.random() * min_dim / 2, min_dim / 10)
-    cx, cy = int(rng.integers(int(rad), int(w - rad))), int(rng.integers(int(rad), int(h - rad)))
-    u = rng.random((n, 3)).tolist()  # per corner: position in its slice, x and y radial fractions
-    step = 2 * math.pi / n
-    corners = [(int(cx + max(fx, 0.4) * rad * math.cos((i + fa) * step)),
-                int(cy + max(fy, 0.4) * rad * math.sin((i + fa) * step)))
-               for i, (fa, fx, fy) in enumerate(u)]
-    corners = [c for i, c in enumerate(corners) if c != corners[i - 1]]
-    k = len(corners)
-    if k >= 3:
-        corners = [c for i, c in enumerate(corners)
-                   if _corner_angle(corners[i - 1], c, corners[(i + 1) % k]) < 2 * math.pi / 3]
-    return np.array(corners, dtype=int).reshape(-1, 2), np.array([cx, cy]), rad
+    n = rng.integers(3, max_sides, count)
+    rad = np.maximum(rng.random(count) * min_dim / 2, min_dim / 10)
+    cx = rng.integers(rad.astype(int), (w - rad).astype(int))
+    cy = rng.integers(rad.astype(int), (h - rad).astype(int))
+    u = rng.random((count, max_sides - 1, 3))  # per corner: position in its slice, x and y radial fractions
+    angle = (np.arange(max_sides - 1) + u[..., 0]) * (2 * math.pi / n[:, None])
+    x = (cx[:, None] + np.maximum(u[..., 1], 0.4) * rad[:, None] * np.cos(angle)).astype(int).tolist()
+    y = (cy[:, None] + np.maximum(u[..., 2], 0.4) * rad[:, None] * np.sin(angle)).astype(int).tolist()
+    polygons = []
+    for k in range(count):  # plain Python: at most 7 corners each
+        corners = list(zip(x[k][:n[k]], y[k][:n[k]]))
+        corners = [c for i, c in enumerate(corners) if c != corners[i - 1]]
+        m = len(corners)
+        if m >= 3:
+            corners = [c for i, c in enumerate(corners)
+                       if _corner_angle(corners[i - 1], c, corners[(i + 1) % m]) < 2 * math.pi / 3]
+        polygons.append((np.array(corners, dtype=int).reshape(-1, 2), (int(cx[k]), int(cy[k])), float(rad[k])))
+    return polygons
 
 
 def _corner_angle(prev, corner, nxt) -> float:
@@ -435,26 +464,40 @@ def _fill_with_texture(rng: np.random.Generator, canvas: Canvas, corners: np.nda
                        nb_blobs: int, kernel_boundaries) -> None:
     """Fill a polygon with the reference's custom background: a contrasting base grey, `nb_blobs`
     discs (radius 0..19) of contrasting greys anywhere on the canvas, box-blurred by a kernel in
-    kernel_boundaries. Painted only over the polygon's bounding box plus the blur's reach."""
+    kernel_boundaries. Painted only over the polygon's bounding box plus the blur's reach, on the
+    canvas's texture grid (`texture_step` raster pixels per texture pixel), then upsampled."""
     h, w = canvas.size
     base = int(_random_color(rng, background_color))
-    centres = np.stack([rng.integers(0, w, nb_blobs), rng.integers(0, h, nb_blobs)], axis=1)
-    colors = _random_color(rng, background_color, nb_blobs)
-    radii = rng.integers(_TEXTURE_MAX_RADIUS + 1, size=nb_blobs)
-    kx, ky = canvas.box_kernel(int(rng.integers(kernel_boundaries[0], kernel_boundaries[1])))
+    kernel = int(rng.integers(kernel_boundaries[0], kernel_boundaries[1]))
+    # Only the blobs that can reach the polygon through the blur matter: draw those, with the number
+    # and positions that the reference's blobs, uniform over the image, have there. The margin (canvas
+    # pixels, the same at every resolution so that the draws are too) also covers the rounding of the
+    # blur and the upsampling for texture pixels of up to 8 canvas pixels.
+    reach = kernel // 2 + _TEXTURE_MAX_RADIUS + 16
+    x0, y0 = (max(int(v) - reach, 0) for v in corners.min(axis=0))
+    x1, y1 = (min(int(v) + reach + 1, limit) for v, limit in zip(corners.max(axis=0), (w, h)))
+    n = int(rng.binomial(nb_blobs, (x1 - x0) * (y1 - y0) / (w * h)))
+    centres = np.stack([rng.integers(x0, x1, n), rng.integers(y0, y1, n)], axis=1)
+    colors = _random_color(rng, background_color, n)
+    radii = rng.integers(_TEXTURE_MAX_RADIUS + 1, size=n)
+    step = canvas.texture_step
+    scale = canvas.scale / step
+    kx, ky = _box_kernel(kernel, scale)
     polygon = canvas.to_raster(corners)
     rh, rw = canvas.image.shape
-    x0 = max(int(math.floor(polygon[:, 0].min())) - kx // 2 - 1, 0)
-    y0 = max(int(math.floor(polygon[:, 1].min())) - ky // 2 - 1, 0)
-    x1 = min(int(math.ceil(polygon[:, 0].max())) + kx // 2 + 2, rw)
-    y1 = min(int(math.ceil(polygon[:, 1].max())) + ky // 2 + 2, rh)
-    if x1 <= x0 or y1 <= y0:
+    # Texture pixels under the polygon, plus the reach of the blur and of the upsampling.
+    lo = np.floor((polygon.min(axis=0) + 0.5) / step - 0.5).astype(int) - (kx // 2 + 2, ky // 2 + 2)
+    hi = np.ceil((polygon.max(axis=0) + 0.5) / step - 0.5).astype(int) + (kx // 2 + 3, ky // 2 + 3)
+    (tx0, ty0), (tx1, ty1) = np.maximum(lo, 0), np.minimum(hi, (rw // step, rh // step))
+    if tx1 <= tx0 or ty1 <= ty0:
         return
-    last = _last_disc((x0, y0, x1, y1), canvas.to_raster(centres), radii, canvas.scale, rw)
-    texture = np.append(colors, base).astype(np.uint8)[last]  # index -1 (no disc) -> base
-    # Border reflection (cv2.blur's default) matters only where the region touches the raster border,
+    last = _last_disc((tx0, ty0, tx1, ty1), (centres + 0.5) * scale - 0.5, radii, scale, rw // step)
+    # Border reflection (cv2.blur's default) matters only where the region touches the image border,
     # where the reference's full-size blur reflects too.
-    texture = cv2.blur(texture, (kx, ky))
+    texture = cv2.blur(np.append(colors, base).astype(np.uint8)[last], (kx, ky))  # index -1 -> base
+    x0, y0, x1, y1 = tx0 * step, ty0 * step, tx1 * step, ty1 * step
+    if step > 1:
+        texture = cv2.resize(texture, (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
     mask = np.zeros(texture.shape, np.uint8)
     cv2.fillPoly(mask, [_fixed(polygon - (x0, y0))], 1, cv2.LINE_8, _SHIFT)
     np.copyto(canvas.image[y0:y1, x0:x1], texture, where=mask.astype(bool))
@@ -470,7 +513,7 @@ def draw_lines(rng: np.random.Generator, canvas: Canvas, nb_lines: int = 10) -> 
     thickness 1-2 % of min(H, W). Keypoints: the endpoints."""
     h, w = canvas.size
     min_dim = min(h, w)
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     segments = np.empty((0, 4), dtype=int)
     for _ in range(int(rng.integers(1, nb_lines))):
         segment = np.array([rng.integers(w), rng.integers(h), rng.integers(w), rng.integers(h)])
@@ -487,10 +530,10 @@ def draw_polygon(rng: np.random.Generator, canvas: Canvas, max_sides: int = 8) -
     """One filled polygon of 3..max_sides-1 corners (redrawn until 3 survive the filtering).
     Keypoints: the corners."""
     while True:
-        corners, _, _ = _random_polygon(rng, canvas.size, max_sides)
+        corners, _, _ = _random_polygons(rng, canvas.size, max_sides, 1)[0]
         if len(corners) >= 3:
             break
-    canvas.fill_polygon(corners, _random_color(rng, canvas.mean()))
+    canvas.fill_polygon(corners, _random_color(rng, canvas.background_color))
     return corners
 
 
@@ -498,24 +541,22 @@ def draw_multiple_polygons(rng: np.random.Generator, canvas: Canvas, max_sides: 
                            nb_blobs: int = 3000, kernel_boundaries=(50, 100)) -> np.ndarray:
     """Up to nb_polygons polygons, one skipped if an edge crosses an earlier polygon's or its circle
     nests with an earlier one's; each filled with its own blurred blob texture. Keypoints: the corners."""
-    background_color = canvas.mean()
-    segments = np.empty((0, 4), dtype=int)
-    centres, radii, points = [], [], []
-    for _ in range(nb_polygons):
-        corners, centre, rad = _random_polygon(rng, canvas.size, max_sides)
+    background_color = canvas.background_color
+    kept = []  # (centre, radius, edges) of the polygons drawn; each lies in its circle
+    for corners, centre, rad in _random_polygons(rng, canvas.size, max_sides, nb_polygons):
         if len(corners) < 3:
             continue
         edges = np.concatenate([corners, np.roll(corners, -1, axis=0)], axis=1)
-        nested = any(math.hypot(centre[0] - c[0], centre[1] - c[1]) + min(rad, r) < max(rad, r)
-                     for c, r in zip(centres, radii))
-        if nested or _crosses(segments, edges):
+        # Only polygons whose circles meet this one's can nest with it or cross it.
+        near = [(math.hypot(centre[0] - c[0], centre[1] - c[1]), r, e) for c, r, e in kept]
+        near = [(d, r, e) for d, r, e in near if d <= rad + r]
+        if any(d + min(rad, r) < max(rad, r) for d, r, _ in near):
             continue
-        centres.append(centre)
-        radii.append(rad)
-        segments = np.concatenate([segments, edges])
+        if near and _crosses(np.concatenate([e for _, _, e in near]), edges):
+            continue
+        kept.append((centre, rad, edges))
         _fill_with_texture(rng, canvas, corners, background_color, nb_blobs, kernel_boundaries)
-        points.append(corners)
-    return np.concatenate(points) if points else np.empty((0, 2), dtype=int)
+    return np.concatenate([e[:, :2] for _, _, e in kept]) if kept else np.empty((0, 2), dtype=int)
 
 
 def draw_ellipses(rng: np.random.Generator, canvas: Canvas, nb_ellipses: int = 20) -> np.ndarray:
@@ -523,7 +564,7 @@ def draw_ellipses(rng: np.random.Generator, canvas: Canvas, nb_ellipses: int = 2
     0..90 degrees). No keypoints."""
     h, w = canvas.size
     min_dim = min(h, w) / 4
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     centres = np.empty((0, 2))
     rads = np.empty(0)
     for _ in range(nb_ellipses):
@@ -553,7 +594,7 @@ def draw_star(rng: np.random.Generator, canvas: Canvas, nb_branches: int = 6) ->
     angles = slices[:-1] + rng.random(n) * (slices[1:] - slices[:-1])
     radial = np.maximum(rng.random((n, 2)), 0.3)
     tips = (centre + radial * rad * np.stack([np.cos(angles), np.sin(angles)], axis=1)).astype(int)
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     for tip in tips:
         canvas.line(centre, tip, thickness, _random_color(rng, background_color))
     return np.concatenate([centre[None], tips])
@@ -566,7 +607,7 @@ def draw_checkerboard(rng: np.random.Generator, canvas: Canvas, max_rows: int = 
     inside the image."""
     h, w = canvas.size
     min_dim = min(h, w)
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     rows, cols = int(rng.integers(3, max_rows)), int(rng.integers(3, max_cols))
     cell = min((w - 1) // cols, (h - 1) // rows)
     gx, gy = np.meshgrid(np.arange(cols + 1), np.arange(rows + 1))
@@ -603,7 +644,7 @@ def draw_stripes(rng: np.random.Generator, canvas: Canvas, max_nb_cols: int = 13
     along the stripes' ends and borders. Keypoints: the stripes' corners inside the image."""
     h, w = canvas.size
     min_dim = min(h, w)
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     board_h, board_w = int(h * (1 + rng.random())), int(w * (1 + rng.random()))
     n = int(rng.integers(5, max_nb_cols))
     cols = np.unique(np.concatenate([board_w * rng.random(n - 1), [0, board_w - 1]]).astype(int))
@@ -636,7 +677,7 @@ def draw_cube(rng: np.random.Generator, canvas: Canvas, min_size_ratio: float = 
     edges in contrasting greys. Keypoints: the 7 visible vertices inside the image."""
     h, w = canvas.size
     min_dim = min(h, w)
-    background_color = canvas.mean()
+    background_color = canvas.background_color
     lx, ly, lz = min_dim * min_size_ratio + rng.random(3) * 2 * min_dim / 3
     cube = np.array([[0, 0, 0], [lx, 0, 0], [0, ly, 0], [lx, ly, 0],
                      [0, 0, lz], [lx, 0, lz], [0, ly, lz], [lx, ly, lz]])
@@ -663,8 +704,9 @@ def draw_cube(rng: np.random.Generator, canvas: Canvas, min_size_ratio: float = 
 
 
 def gaussian_noise(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
-    """Uniform noise 0..254 over the whole image (scaled about its mean so that after the final blur
-    and resize it has the canvas-resolution standard deviation). No keypoints."""
+    """Uniform noise over the whole image (the reference's cv2.randu(img, 0, 255)), scaled about its
+    mean so that after the final blur and resize it has the canvas-resolution standard deviation.
+    No keypoints."""
     levels = 127 + (np.arange(256) - 127.5) * canvas.noise_gain()
     cv2.LUT(_uniform_bytes(rng, canvas.image.shape), np.rint(levels).astype(np.uint8), dst=canvas.image)
     return np.empty((0, 2), dtype=int)
@@ -732,14 +774,17 @@ def render(primitive: str, rng: np.random.Generator, conf=None):
     gen = s["generation"]
     size, out, blur = tuple(gen["image_size"]), tuple(s["preprocessing"]["resize"]), s["preprocessing"]["blur_size"]
     raster = size if gen["oversampling"] is None else tuple(gen["oversampling"] * v for v in out)
-    canvas = Canvas(size, raster, blur)
+    over = gen["oversampling"]
+    # Textures are box-blurred by >= 50 canvas pixels (6 output pixels): painted at twice the output size.
+    canvas = Canvas(size, raster, blur, texture_step=over // 2 if over is not None and over % 2 == 0 else 1)
     params = gen["params"]
     if primitive != "gaussian_noise":
-        # Heavily blurred (see generate_background): drawn at the output size, then upsampled.
-        background = canvas if gen["oversampling"] is None else Canvas(size, out, blur)
+        # Heavily blurred (see generate_background): drawn at the output size, then upsampled. Also
+        # when drawing at image_size, so that both give the primitives the same background_color.
+        background = Canvas(size, out, blur)
         generate_background(rng, background, **params["generate_background"])
-        if background is not canvas:
-            canvas.image[:] = cv2.resize(background.image, raster[::-1], interpolation=cv2.INTER_LINEAR)
+        canvas.image[:] = cv2.resize(background.image, raster[::-1], interpolation=cv2.INTER_LINEAR)
+        canvas.background_color = background.mean()
     points = _DRAW[primitive](rng, canvas, **params[primitive])
     image = canvas.finish(out)
     scale = (out[1] / size[1], out[0] / size[0])
@@ -821,11 +866,20 @@ def _missing_chunks(cache: Path, s: dict, splits) -> list:
 
 
 def _generate_chunk(cache: Path, conf, primitive: str, split: str, start: int, stop: int) -> int:
-    """Render images start..stop-1 of one primitive/split into the cache; the points file goes last."""
+    """Render images start..stop-1 of one primitive/split into the cache.
+
+    The chunk is the unit of atomicity: its points file, written atomically after its images, commits
+    it; a chunk interrupted before that is regenerated whole, and readers only use committed chunks.
+    So the images are written plainly (a temporary file and rename per image cost ~1 ms here)."""
+    images = cache / primitive / "images" / split
+    images.mkdir(parents=True, exist_ok=True)
     points = []
     for i in range(start, stop):
         image, pts = render_sample(conf, primitive, split, i)
-        save_image(cache / primitive / "images" / split / f"{i}.png", image)
+        ok, png = cv2.imencode(".png", image)
+        if not ok:
+            raise DataError(f"{images / f'{i}.png'}: could not encode the image")
+        (images / f"{i}.png").write_bytes(png.tobytes())
         points.append(pts)
     folder = cache / primitive / "points" / split
     save_npz(folder / f"{start:06d}-{stop:06d}.npz", points=np.concatenate(points).reshape(-1, 2),
@@ -838,10 +892,6 @@ def _generate_chunk(cache: Path, conf, primitive: str, split: str, start: int, s
 
 def _generate_task(args) -> int:
     return _generate_chunk(*args)
-
-
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already
 
 
 @contextlib.contextmanager
@@ -909,7 +959,7 @@ def ensure_cache(data_path, conf, workers: int | None = None, splits=("training"
             "truncate": s["truncate"]})
         tasks = _missing_chunks(cache, s, splits)
         if tasks:
-            _run(tasks, cache, conf, workers)
+            _run(tasks, cache, {k: conf[k] for k in generation_defaults if k in conf}, workers)
     return cache
 
 
@@ -923,7 +973,16 @@ def _run(tasks: list, cache: Path, conf, workers: int | None) -> None:
             for job in jobs:
                 bar.update(_generate_task(job))
             return
-        with multiprocessing.get_context().Pool(workers, initializer=_init_worker) as pool:
+        # Forked workers, one OpenCV thread each. A forked process must not reconfigure OpenCV's
+        # thread pool (cv2.setNumThreads deadlocks there), so this process sets it for them around the
+        # fork. (forkserver or spawn would re-run an unguarded calling script in every worker.)
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            pool = multiprocessing.get_context("fork").Pool(workers)
+        finally:
+            cv2.setNumThreads(threads)
+        with pool:
             for done in pool.imap_unordered(_generate_task, jobs):
                 bar.update(done)
 

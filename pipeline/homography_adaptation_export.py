@@ -38,6 +38,7 @@ from utils.keypoints import extract_keypoints
 log = logging.getLogger(__name__)
 
 OVERLAY_SCALE = 3  # the reference draws the keypoints on the image upscaled 3 times
+DATASETS = ("Coco", "coco", "Kitti_inh", "ImageFolder")  # datasets/ names whose samples this export reads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +65,9 @@ def config_schema(dataset_name: str) -> dict:
 def load_export_config(args) -> dict:
     raw = load_yaml(args.config)
     dataset_name = (raw.get("data") or {}).get("dataset")
-    if not dataset_name:
-        raise ConfigError(f"{args.config}: required key 'data.dataset' is missing (e.g. Coco, Kitti_inh, ImageFolder)")
+    if dataset_name not in DATASETS:
+        raise ConfigError(f"{args.config}: 'data.dataset' is {dataset_name!r}; homography adaptation exports "
+                          f"one of {list(DATASETS)}")
     conf = merge(config_schema(dataset_name), raw, source=str(args.config))
     conf["model"]["pretrained"] = getattr(args, "weights", None) or extractor_lib.weights_path(conf)
     if not conf["model"]["pretrained"]:
@@ -174,7 +176,7 @@ def _gather_counts(counts: dict, world_size: int) -> dict:
 def summary_text(conf: Mapping, counts: Mapping, dataset, world_size: int) -> str:
     h = conf["data"]["homography_adaptation"]
     model = conf["model"]
-    seconds = counts["seconds"] / max(counts["written"], 1)
+    written = counts["written"]
     lines = [
         f"model: {model['pretrained']}",
         f"model_name: {model['name']}",
@@ -189,8 +191,8 @@ def summary_text(conf: Mapping, counts: Mapping, dataset, world_size: int) -> st
         f"exported: {counts['written']}",
         f"kept_existing: {counts['existing']}",
         f"corrupt: {counts['corrupt']}" + (f" ({', '.join(counts['corrupt_names'])})" if counts["corrupt"] else ""),
-        f"points_per_image: {counts['points'] / max(counts['written'], 1):.1f}",
-        f"seconds_per_image: {seconds:.3f}",
+        f"points_per_image: {counts['points'] / written:.1f}" if written else "points_per_image: n/a",
+        f"seconds_per_image: {counts['seconds'] / written:.3f}" if written else "seconds_per_image: n/a",
     ]
     absent = getattr(dataset, "absent_drives", None)
     if absent:

@@ -10,7 +10,7 @@ Iterations. `n_iter` counts the batches consumed; training stops after exactly `
 A batch whose loss is NaN or inf is skipped (no optimizer step, BatchNorm statistics restored) and
 counted; `training.nan_patience` consecutive skips save a checkpoint and stop the run.
 Checkpoint `superPointNet_<n>_checkpoint.pth.tar` holds the state after n iterations; it is written at
-every multiple of `save_interval`, at the end, on Ctrl-C and when the run stops on NaNs. Resuming from
+every multiple of `save_interval`, at the end, on Ctrl-C or SIGTERM and when the run stops on NaNs. Resuming from
 it (`retrain: false`, `pretrained: <checkpoint>`, `reset_iter: false`, or `train4.py ... --resume`)
 restores the model, the optimizer and n, and continues with the batches an uninterrupted run would
 have seen: epoch e visits the dataset in the order of `DistributedSampler(seed, epoch=e)`, DataLoader
@@ -39,6 +39,8 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from itertools import islice
@@ -434,8 +436,6 @@ class Trainer:
 
     def _labels(self, batch: Mapping, warped: bool) -> torch.Tensor:
         key = ("warped_labels" if warped else "labels_2D") + ("_gaussian" if self.gaussian else "")
-        if warped and self.gaussian and key not in batch:
-            key = "warped_labels"
         if key not in batch:
             raise KeyError(f"the dataset's samples have no '{key}' (needed by the detector loss)")
         return batch[key].to(self.device, non_blocking=True)
@@ -598,6 +598,10 @@ class Trainer:
         progress = tqdm(total=train_iter, initial=self.n_iter, disable=not self.ctx.is_main, dynamic_ncols=True,
                         desc="train", unit="it")
         batches = self._batches()
+        # SIGTERM (schedulers, `kill`) is handled like Ctrl-C: a checkpoint is saved.
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         try:
             while self.n_iter < train_iter:
                 t0 = time.perf_counter()
@@ -637,6 +641,8 @@ class Trainer:
         finally:
             progress.close()
             batches.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if saved_at != self.n_iter:
             summary["checkpoint"] = self.save()
         if self.validate_enabled and validated_at != self.n_iter:
@@ -669,6 +675,10 @@ class Trainer:
 # --------------------------------------------------------------------------------------------------
 # Entry point of train4.py
 # --------------------------------------------------------------------------------------------------
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
 
 def latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
     """The checkpoint with the highest iteration in a folder, or None."""

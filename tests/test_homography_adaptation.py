@@ -4,7 +4,10 @@ sharding, real weights)."""
 import argparse
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -395,6 +398,10 @@ def test_unknown_config_key_and_missing_weights_are_named(tmp_path, monkeypatch,
     config = write_config(tmp_path / "coco.yaml", random_weights, "dataset: Coco\n  export_folder: val\n  resise: 3")
     with pytest.raises(ConfigError, match="data.resise"):
         run_export(monkeypatch, tmp_path, config)
+    config.write_text(config.read_text().replace("dataset: Coco", "dataset: hpatches"))
+    with pytest.raises(ConfigError, match="data.dataset"):
+        run_export(monkeypatch, tmp_path, config)
+    config.write_text(config.read_text().replace("dataset: hpatches", "dataset: Coco"))
     text = config.read_text().replace(f"pretrained: {random_weights}", "")
     config.write_text(text.replace("  resise: 3\n", ""))
     with pytest.raises(ConfigError, match="pretrained"):
@@ -425,3 +432,17 @@ def test_real_export_with_magicleap_weights(tmp_path, monkeypatch, magicleap_wei
         assert cv2.imread(str(npz.with_suffix(".png"))).shape == (720, 960, 3)
     summary = (out / "export.txt").read_text()
     assert f"model: {magicleap_weights}" in summary and "homographies: 3" in summary
+
+
+@pytest.mark.slow
+def test_torchrun_shards_and_sums_the_counts(tmp_path, random_weights):
+    make_coco(tmp_path, 5)
+    config = write_config(tmp_path / "coco.yaml", random_weights, "dataset: Coco\n  export_folder: val", num=2)
+    env = {**os.environ, "DATA_PATH": str(tmp_path), "EXPER_PATH": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "export.py",
+                    "export_detector_homoAdapt", str(config), "exp"], cwd=REPO, env=env, check=True,
+                   capture_output=True, timeout=300)
+    out = tmp_path / "logs" / "exp" / "predictions" / "val"
+    assert sorted(p.stem for p in out.glob("*.npz")) == [f"im{i}" for i in range(5)]
+    summary = (out / "export.txt").read_text()
+    assert "processes: 2" in summary and "exported: 5" in summary

@@ -2,9 +2,11 @@
 handling, Ctrl-C, validation metrics, a loss that falls, and a 2-process DDP run (gloo, CPU)."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +28,7 @@ class TinySquares(torch.utils.data.Dataset):
     sample i depends only on (seed, task, i). `nan`: 'first' gives sample 0 a NaN image, 'all' every
     sample. `pair`: a warped pair that is the horizontal mirror image."""
 
-    default_conf = {"dataset": "TinySquares", "length": 10, "nan": "none", "pair": False}
+    default_conf = {"dataset": "TinySquares", "length": 10, "nan": "none", "pair": False, "delay": 0.0}
 
     def __init__(self, conf=None, task="train", seed=0):
         self.conf = merge(self.default_conf, conf)
@@ -36,6 +38,7 @@ class TinySquares(torch.utils.data.Dataset):
         return self.conf["length"]
 
     def __getitem__(self, index):
+        time.sleep(self.conf["delay"])
         rng = np.random.default_rng([self.seed, self.task == "val", index])
         side = int(rng.integers(10, 18))
         x0, y0 = (int(v) for v in rng.integers(4, SIZE - side - 4, size=2))
@@ -183,20 +186,25 @@ def test_repeated_nans_stop_with_a_checkpoint(tmp_path):
     assert checkpoints(tmp_path / "logs/exp") == [3]
 
 
-def test_ctrl_c_saves_a_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interruption_saves_a_checkpoint(tmp_path, monkeypatch, how):
     calls = {"n": 0}
     real_step = trainer_lib.Trainer.train_step
 
     def interrupted_step(self, batch):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt
+            if how == "ctrl-c":
+                raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, batch)
 
     monkeypatch.setattr(trainer_lib.Trainer, "train_step", interrupted_step)
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, make_conf(train_iter=6, save_interval=100))
     assert checkpoints(tmp_path / "logs/exp") == [2]
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
 
 def test_validation_rows_and_warped_pair(tmp_path):
@@ -279,6 +287,42 @@ def test_shipped_configs_validate(name):
     conf = load_config(REPO / "configs" / name, trainer_lib.default_conf)
     merge(SyntheticDataset_gaussian.default_conf, conf["data"], source=name)
     assert conf["data"]["dataset"] == "SyntheticDataset_gaussian"
+
+
+def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path):
+    """The CLI killed with SIGKILL mid-run, then the same command with --resume, ends in the state of
+    an uninterrupted run (model, optimizer, iteration)."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({
+        "data": {"dataset": "TinySquares", "delay": 0.05},
+        "model": {"batch_size": 4, "eval_batch_size": 4, "detector_loss": {"loss_type": "cross_entropy"}},
+        "training": {"workers_train": 0, "precision": "fp32"},
+        "train_iter": 8, "save_interval": 2, "tensorboard_interval": 100, "seed": 0}))  # JSON is YAML
+    launcher = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); import datasets; "
+                "datasets.DATASETS['TinySquares'] = ('test_trainer', 'TinySquares'); import train4; train4.main()")
+    command = [sys.executable, "-c", launcher, "train_base", str(config), "killed"]
+    env = {**os.environ, "EXPER_PATH": str(tmp_path / "logs")}
+    folder = tmp_path / "logs" / "killed"
+    proc = subprocess.Popen(command, cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not (folder / "checkpoints/superPointNet_2_checkpoint.pth.tar").exists() and time.time() < deadline:
+            time.sleep(0.01)
+        proc.kill()  # SIGKILL: no handler runs
+    finally:
+        proc.wait()
+    assert proc.returncode == -9
+    done = checkpoints(folder)
+    assert 2 in done and 8 not in done
+    resumed = subprocess.run(command + ["--resume"], cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)},
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"superPointNet_{max(done)}_checkpoint.pth.tar: model, optimizer, iteration {max(done)}" in resumed.stderr
+    from utils.config import load_config
+    run(tmp_path, load_config(config, trainer_lib.default_conf), name="straight")
+    ckpt = "checkpoints/superPointNet_8_checkpoint.pth.tar"
+    assert_same_state(load_checkpoint(tmp_path / "logs/straight" / ckpt), load_checkpoint(folder / ckpt))
 
 
 def test_cli_reports_config_errors(tmp_path):

@@ -36,7 +36,7 @@ default_conf = {
     "aggregation": "mean",
     "filter_counts": 0,
     "valid_border_margin": 3,  # erosion radius of the valid masks in pixels (TF SuperPoint's default)
-    "chunk": 1,  # warps per network call; on the CPU one at a time was the fastest measured
+    "chunk": 1,  # warps per network call; on the CPU one at a time was the fastest measured (benchmarks/)
     "homographies": {"params": dict(HOMOGRAPHY_DEFAULTS)},
 }
 

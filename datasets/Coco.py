@@ -2,43 +2,58 @@
 
 Every image is read grey (OpenCV's BGR weights; the reference applied the RGB formula to BGR data),
 resized to `preprocessing.resize` with INTER_AREA (no aspect-preserving crop, as the reference) and
-scaled to float32 [0, 1]. For the homography-adaptation export the task is `export_folder` (train or
-val) and a sample is the image and its name; the training sample (labels from `data.labels`, warped
-pair, augmentations) builds on `read_sample`.
+scaled to float32 [0, 1]. The class serves two uses, as the reference's did:
+
+* Export (homography adaptation; `data.labels` unset, or `homography_adaptation.enable`): the task is
+  `export_folder` (train or val) and a sample is the image and its name.
+* Training (`data.labels` set): task 'train' or 'val'. Only images with a label file
+  `<labels>/<task>/<name>.npz` are used (key `pts`, (N, 3) x, y, score, as the export writes it at
+  the same `resize`). A relative `labels` folder is looked up under EXPER_PATH first (where the export
+  wrote it, e.g. `magicpoint_synth_homoAdapt_coco/predictions`), then under the working directory
+  (where the reference looked). A sample is built by `datasets.data_tools.TrainingSample` from the
+  image and its points: photometric augmentation (train only, as configured), homographic
+  augmentation if enabled, labels at the rounded points, Gaussian soft labels with
+  `gaussian_label.params.GaussianBlur.sigma`, and the warped pair (`warped_pair`: its own homography,
+  the clean image warped then augmented on its own, warped labels, a valid mask eroded by
+  `valid_border_margin`, `homographies` the pixel homography image -> warped image).
+  Augmentations are seeded per access by `datasets.data_tools.AugmentationSeeds`.
+
+Subclasses (Kitti_inh, Tum, ImageFolder) only list other files (`list_samples`); names with folders
+(`<scene>/<frame>`) find their labels in the same sub-folders.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
 import torch
 
 import settings
-from utils.config import IGNORED, ConfigError, merge
-from utils.io import DataError, read_image
+from datasets.data_tools import AugmentationSeeds, TrainingSample, training_defaults
+from utils.config import IGNORED, ConfigError, combine, merge
+from utils.io import DataError, load_npz, read_image
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-default_conf = {
+default_conf = combine(training_defaults, {
     "dataset": "Coco",
-    "export_folder": "train",  # train or val: the image folder <export_folder>2014 and the output subfolder
+    "export_folder": "train",  # export: train or val, the image folder <export_folder>2014 and the output subfolder
     "preprocessing": {"resize": [240, 320]},  # [H, W], multiples of 8
-    # Keys of the reference's training and export configs that the export does not use.
-    "labels": IGNORED,
+    "labels": None,  # training: folder holding <task>/<name>.npz (relative: EXPER_PATH, then the working directory)
+    # Keys of the reference's configs that are not used here.
+    "name": IGNORED,
     "root": IGNORED,
     "root_split_txt": IGNORED,
     "alteration": IGNORED,
     "cache_in_memory": IGNORED,
-    "gaussian_label": IGNORED,
-    "augmentation": IGNORED,
-    "warped_pair": IGNORED,
-    "homography_adaptation": IGNORED,
-}
+    "validation_size": IGNORED,
+    "homography_adaptation": IGNORED,  # read by the export (utils.homography_adaptation)
+})
 
 
 def check_resize(resize, source: str = "data") -> tuple[int, int]:
@@ -65,21 +80,54 @@ def list_images(folder: Path, suffixes=IMAGE_SUFFIXES, recursive: bool = False) 
     return sorted(p for p in files if p.is_file() and p.suffix.lower() in suffixes)
 
 
-class Coco(torch.utils.data.Dataset):
-    """COCO images of one split.
+def find_folder(value, key: str, bases: Sequence[Path], source: str) -> Path:
+    """A configured folder: absolute as given, relative under each of `bases` in turn (the first that
+    exists). Unset or not found: a DataError naming `data.<key>` and the places looked at."""
+    if not value:
+        raise DataError(f"{source}: data.{key} is not set; expected a folder")
+    path = Path(value)
+    candidates = [path] if path.is_absolute() else [Path(base) / path for base in bases]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise DataError(f"{source}: data.{key} folder not found: looked in {', '.join(map(str, candidates))}")
 
-    Sample: {'image': (1, H, W) float32 in [0, 1], 'name': file stem}. `samples` lists
-    {'image': path, 'name': name} without reading anything, so callers can skip work by name.
+
+def read_points(path: Path) -> torch.Tensor:
+    """Keypoints (N, 2) float32 x, y of a label npz (`pts` (N, 2+) x, y[, score]); a malformed file is
+    a DataError naming it."""
+    pts = load_npz(path, ["pts"])["pts"]
+    if pts.ndim != 2 or pts.shape[1] < 2:
+        raise DataError(f"{path}: 'pts' has shape {pts.shape}; expected (N, 3) x, y, score")
+    return torch.from_numpy(np.ascontiguousarray(pts[:, :2], dtype=np.float32))
+
+
+class Coco(torch.utils.data.Dataset):
+    """COCO images of one split, as export or training samples (see the module docstring).
+
+    conf: the `data` section, merged over `default_conf` (unknown keys are ConfigErrors). task: the
+    split. seed: seeds the training augmentations. data_path / exper_path: DATA_PATH and EXPER_PATH
+    (defaults from `settings`).
+    Export sample: {'image': (1, H, W) float32 in [0, 1], 'name': file stem}. Training sample: the keys
+    of `TrainingSample` and 'name'. `samples` lists {'image': path, 'name': name[, 'labels': path]}
+    without reading anything, so callers can skip work by name.
     """
 
     default_conf = default_conf
 
     def __init__(self, conf: Mapping | None = None, task: str = "train", seed: int = 0,
-                 data_path: str | Path = settings.DATA_PATH, source: str = "data"):
+                 data_path: str | Path = settings.DATA_PATH, source: str = "data",
+                 exper_path: str | Path | None = None):
         self.conf = merge(type(self).default_conf, conf, source=source)
         self.task, self.seed, self.source = task, seed, source
         self.size = check_resize(self.conf["preprocessing"]["resize"], source)
+        adaptation = self.conf["homography_adaptation"]
+        self.training = bool(self.conf["labels"]) and not (isinstance(adaptation, Mapping) and adaptation.get("enable"))
         self.samples = self.list_samples(Path(data_path))
+        if self.training:
+            self.build = TrainingSample(self.conf, task, source)
+            self.samples = self.labelled(self.samples, Path(exper_path if exper_path is not None else settings.EXPER_PATH))
+            self.seeds = AugmentationSeeds(seed, task, len(self.samples))
 
     def list_samples(self, data_path: Path) -> list[dict]:
         folder = data_path / "COCO" / f"{self.task}2014"
@@ -91,8 +139,31 @@ class Coco(torch.utils.data.Dataset):
             raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)} files)")
         return [{"image": p, "name": p.stem} for p in images]
 
+    def labelled(self, samples: list[dict], exper_path: Path) -> list[dict]:
+        """The samples that have a label file `<labels>/<task>/<name>.npz`, with its path under 'labels'."""
+        root = find_folder(self.conf["labels"], "labels", [exper_path, Path.cwd()], self.source)
+        folder = root / self.task
+        if not folder.is_dir():
+            raise DataError(f"{self.source}: no '{self.task}' folder of labels in {root} (expected "
+                            f"{folder}/<name>.npz, written by export.py export_detector_homoAdapt with "
+                            f"data.export_folder: {self.task})")
+        kept = [{**s, "labels": folder / f"{s['name']}.npz"} for s in samples]
+        kept = [s for s in kept if s["labels"].is_file()]
+        if not kept:
+            raise DataError(f"{self.source}: none of the {len(samples)} {self.task} images has a label file in "
+                            f"{folder} (expected <name>.npz, e.g. {folder / samples[0]['name']}.npz)")
+        if len(kept) < len(samples):
+            log.info("%s %s: %d of %d images have labels in %s; the others are skipped", type(self).__name__,
+                     self.task, len(kept), len(samples), folder)
+        return kept
+
     def __len__(self) -> int:
         return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed training augmentations by (seed, index, epoch) from now on (AugmentationSeeds)."""
+        if self.training:
+            self.seeds.set_epoch(epoch)
 
     def read_sample(self, index: int) -> dict:
         """The image of sample `index`, read and resized, with its name."""
@@ -100,4 +171,11 @@ class Coco(torch.utils.data.Dataset):
         return {"image": load_image(entry["image"], self.size), "name": entry["name"]}
 
     def __getitem__(self, index: int) -> dict:
-        return self.read_sample(index)
+        if not self.training:
+            return self.read_sample(index)
+        index = range(len(self))[index]  # negative indices; IndexError beyond the end
+        entry = self.samples[index]
+        image = load_image(entry["image"], self.size)[0].numpy()
+        sample = self.build(image, read_points(entry["labels"]), self.seeds.rng(index))
+        sample["name"] = entry["name"]
+        return sample

@@ -8,6 +8,9 @@ absent under `root` are reported (count and first names) and skipped.
 
 A relative `root` or `root_split_txt` is looked up under DATA_PATH first, then under the working
 directory (where the reference looked).
+
+Training (`data.labels` set; see datasets/Coco.py): the labels of frame `<line>/<frame>` are
+`<labels>/<task>/<line>/<frame>.npz`, the layout the KITTI export writes; frames without one are skipped.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import logging
 import re
 from pathlib import Path
 
-from datasets.Coco import IMAGE_SUFFIXES, Coco, list_images
+from datasets.Coco import IMAGE_SUFFIXES, Coco, find_folder, list_images
 from utils.config import combine
 from utils.io import DataError
 
@@ -33,25 +36,18 @@ _LINE = re.compile(r"^(?P<drive>\S+)_(?P<camera>\d\d)$")
 
 def resolve_path(value, key: str, data_path: Path, source: str) -> Path:
     """A configured folder: absolute as given, relative under DATA_PATH, else under the working directory."""
-    if not value:
-        raise DataError(f"{source}: data.{key} is not set; expected the KITTI {key} folder")
-    path = Path(value)
-    candidates = [path] if path.is_absolute() else [data_path / path, path]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise DataError(f"{source}: data.{key} folder not found: looked in {', '.join(map(str, candidates))}")
+    return find_folder(value, key, [data_path, Path.cwd()], source)
 
 
 def read_split(path: Path) -> list[str]:
     """Non-empty stripped lines of a split file (a last line without a newline included)."""
     if not path.is_file():
-        raise DataError(f"KITTI split file not found: {path}")
+        raise DataError(f"split file not found: {path}")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
 class Kitti_inh(Coco):  # noqa: N801 (reference name)
-    """Frames of the KITTI drives of one split. Samples as `Coco`, named `<line>/<frame>`."""
+    """Frames of the KITTI drives of one split. Samples (export or training) as `Coco`, named `<line>/<frame>`."""
 
     default_conf = default_conf
 

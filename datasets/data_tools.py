@@ -272,3 +272,32 @@ class TrainingSample:
                 pair["warped_labels_gaussian"] = gaussian_label_map(warped_points, h, w, self.sigma)[None]
             sample.update(pair)
         return sample
+
+
+class AugmentationSeeds:
+    """The augmentation generator of each access to a training dataset's samples (the scheme of
+    datasets/SyntheticDataset_gaussian.py, shared by the image datasets):
+    * task 'val': `[seed, index]`, so every validation sees the same samples;
+    * after `set_epoch(epoch)` (the trainer calls it before every epoch): `[seed, index, epoch]`, which
+      depends on nothing else (workers, rank, access order), so a resumed run repeats an uninterrupted one;
+    * otherwise `[seed, index, draw, worker_seed]`, `draw` counting this process's accesses to `index`
+      and `worker_seed` the DataLoader worker's torch seed (0 outside workers).
+    """
+
+    def __init__(self, seed: int, task: str, length: int):
+        self.seed, self.task = int(seed), task
+        self.draws = np.zeros(length, np.int64)
+        self.epoch = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def rng(self, index: int) -> np.random.Generator:
+        if self.task == "val":
+            return np.random.default_rng([self.seed, index])
+        if self.epoch is not None:
+            return np.random.default_rng([self.seed, index, self.epoch])
+        worker = torch.utils.data.get_worker_info()
+        draw = int(self.draws[index])
+        self.draws[index] += 1
+        return np.random.default_rng([self.seed, index, draw, worker.seed if worker else 0])

@@ -1,21 +1,23 @@
 """The trainer behind `train4.py train_base` and `train4.py train_joint` (reference-spec 5.1-5.2, with
 the fixes of section 0 rows 1, 2, 9 and 12).
 
-One step: the image (and its warped pair, when the samples have one) goes through the network in one
-batch, at the configured precision; the losses are computed in fp32 from the raw outputs:
-`loss = loss_det + loss_det_warp + lambda_loss * loss_desc` (the descriptor term comes from
-`utils.losses.get_descriptor_loss`; MagicPoint has none). Adam, constant learning rate.
+One step: the image and its warped pair (when the samples have one) go through the network as one
+batch (so BatchNorm sees both, and DDP sees one forward pass), at the configured precision; the losses
+are computed in fp32 from the raw outputs: `loss = loss_det + loss_det_warp + lambda_loss * loss_desc`
+(the descriptor term comes from `utils.losses.get_descriptor_loss`; MagicPoint has none). Adam,
+constant learning rate.
 
 Iterations. `n_iter` counts the batches consumed; training stops after exactly `train_iter` of them.
 A batch whose loss is NaN or inf is skipped (no optimizer step, BatchNorm statistics restored) and
 counted; `training.nan_patience` consecutive skips save a checkpoint and stop the run.
-Checkpoint `superPointNet_<n>_checkpoint.pth.tar` holds the state after n iterations; it is written at
-every multiple of `save_interval`, at the end, on Ctrl-C or SIGTERM and when the run stops on NaNs. Resuming from
-it (`retrain: false`, `pretrained: <checkpoint>`, `reset_iter: false`, or `train4.py ... --resume`)
-restores the model, the optimizer and n, and continues with the batches an uninterrupted run would
-have seen: epoch e visits the dataset in the order of `DistributedSampler(seed, epoch=e)`, DataLoader
-workers are seeded from (seed, epoch, rank), and a dataset with a `set_epoch(epoch)` method is told
-the epoch. Whether the augmentations themselves repeat exactly is up to the dataset's seeding.
+Checkpoint `superPointNet_<n>_checkpoint.pth.tar` holds the state after n iterations. It is written
+at every multiple of `save_interval`, at the end, on Ctrl-C or SIGTERM, and when the run stops on NaNs.
+Resuming from it (`retrain: false`, `pretrained: <checkpoint>`, `reset_iter: false`, or the same
+command with `--resume`, e.g. after a `kill -9`) restores the model, the optimizer and n, and goes on
+with the batches an uninterrupted run would have seen: epoch e visits the dataset in the order of
+`DistributedSampler(seed, epoch=e)`, DataLoader workers are seeded from (seed, epoch, rank), and a
+dataset with a `set_epoch(epoch)` method is told the epoch (whether its augmentations then repeat
+exactly is up to its seeding; SyntheticDataset_gaussian's do).
 
 Validation (with --eval) every `validation_interval` iterations and at the end, in eval mode, over the
 first `validation_size` batches of the validation set (the same batches every time). Detection
@@ -51,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from tensorboardX import SummaryWriter
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from tqdm import tqdm
 
@@ -329,10 +332,10 @@ class Trainer:
                 self.net, device_ids=ids, find_unused_parameters=self.descriptor_loss is None)
 
         # Data.
+        self.per_rank_batch = self._per_rank_batch(mconf["batch_size"])
         self.train_set, self.val_set = datasets if datasets is not None else self._build_datasets()
         data_conf = getattr(self.train_set, "conf", conf["data"]) or {}
         self.gaussian = bool((data_conf.get("gaussian_label") or {}).get("enable"))
-        self.per_rank_batch = self._per_rank_batch(mconf["batch_size"])
         self.train_sampler = ResumableSampler(self.train_set, self.ctx, shuffle=True, seed=self.seed)
         self.steps_per_epoch = len(self.train_sampler) // self.per_rank_batch
         if self.steps_per_epoch == 0:
@@ -351,7 +354,6 @@ class Trainer:
 
         self.writer = None
         if runs_dir is not None and self.ctx.is_main:
-            from tensorboardX import SummaryWriter
             self.writer = SummaryWriter(str(runs_dir))
         self.last_loss: Optional[torch.Tensor] = None
 

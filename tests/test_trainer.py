@@ -298,7 +298,8 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path):
         "model": {"batch_size": 4, "eval_batch_size": 4, "detector_loss": {"loss_type": "cross_entropy"}},
         "training": {"workers_train": 0, "precision": "fp32"},
         "train_iter": 8, "save_interval": 2, "tensorboard_interval": 100, "seed": 0}))  # JSON is YAML
-    launcher = ("import sys, torch; torch.set_num_threads(1); sys.path.insert(0, 'tests'); import datasets; "
+    launcher = (f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {str(REPO / 'tests')!r}); "
+                "import datasets; "
                 "datasets.DATASETS['TinySquares'] = ('test_trainer', 'TinySquares'); import train4; train4.main()")
     command = [sys.executable, "-c", launcher, "train_base", str(config), "killed"]
     env = {**os.environ, "EXPER_PATH": str(tmp_path / "logs")}

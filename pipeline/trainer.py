@@ -26,7 +26,12 @@ metrics (`DetectionMetrics`): predictions are the NMS'd heatmap maxima (radius 4
 inside the valid mask). Matching is greedy one-to-one by decreasing score: a prediction is correct when
 a label not taken by a higher-scoring prediction lies within 3 px. precision = correct / predictions,
 recall = correct / labels, over the whole validation. mAP ranks every NMS'd maximum with score >= 0.001
-and is the area under that precision-recall curve with recall relative to all labels.
+and is the area under that precision-recall curve with recall relative to all labels. With warped
+pairs, a descriptor metric (`MatchingMetrics`): the `EVAL_MATCH_TOP_K` best predictions of the image
+and of the warped image, their descriptors, mutual nearest neighbours; `match_precision` is the share
+of those matches whose image point, moved by the pair's homography, lies within 3 px of its match, and
+`matches` the mean number of matches per pair. The descriptor loss's random sampling is seeded with
+`seed` at every validation (the same draws each time) and leaves the training random state untouched.
 
 Several processes (torchrun): DistributedDataParallel (NCCL on GPUs, gloo on CPU); each rank trains on
 its share of every epoch with `model.batch_size / WORLD_SIZE` samples per step, so the global batch is
@@ -67,8 +72,10 @@ from utils.cli import tensorboard_dir
 from utils.config import IGNORED, OPEN, ConfigError, check_choice, combine, load_config
 from utils.draw import GREEN, RED, draw_keypoints
 from utils.io import append_jsonl, write_text
-from utils.keypoints import extract_keypoints, logits_to_heatmap
+from utils.geometry import warp_points
+from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
 from utils.losses import DETECTOR_LOSSES, detector_loss, get_descriptor_loss
+from utils.matching import mutual_nearest_neighbours
 from utils.metrics import average_precision
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,7 @@ EVAL_THRESHOLD = 0.015
 EVAL_BORDER = 4
 EVAL_MATCH_DISTANCE = 3.0
 EVAL_MAP_MIN_SCORE = 0.001
+EVAL_MATCH_TOP_K = 300  # keypoints per image for the descriptor metric
 TENSORBOARD_MAX_IMAGES = 2
 
 # Every top-level and model key of the reference's training configs (reference-spec 2.1, 2.6, 2.7).
@@ -198,6 +206,36 @@ class DetectionMetrics:
             "recall": n_correct / self.n_labels if self.n_labels else 0.0,
             "mAP": float(ap),
         }
+
+
+class MatchingMetrics:
+    """Accumulates the descriptor metric of validation pairs (see the module docstring)."""
+
+    def __init__(self, threshold: float = EVAL_THRESHOLD, nms_radius: int = EVAL_NMS_RADIUS, border: int = EVAL_BORDER,
+                 top_k: int = EVAL_MATCH_TOP_K, max_distance: float = EVAL_MATCH_DISTANCE):
+        self.threshold, self.nms_radius, self.border = threshold, nms_radius, border
+        self.top_k, self.max_distance = top_k, max_distance
+        self.correct = self.matches = self.pairs = 0
+
+    def update(self, heatmap: torch.Tensor, desc: torch.Tensor, warped_heatmap: torch.Tensor,
+               warped_desc: torch.Tensor, homographies: torch.Tensor) -> None:
+        """heatmaps: (B, H, W); desc: (B, D, H/8, W/8); homographies: (B, 3, 3) pixel, image -> warped."""
+        found = [extract_keypoints(h.detach().float(), self.threshold, self.nms_radius, self.border, self.top_k)
+                 for h in (heatmap, warped_heatmap)]
+        for b, ((p1, _), (p2, _)) in enumerate(zip(*found)):
+            self.pairs += 1
+            if len(p1) == 0 or len(p2) == 0:
+                continue
+            d1 = sample_descriptors(desc[b:b + 1].detach(), p1[None])[0]
+            d2 = sample_descriptors(warped_desc[b:b + 1].detach(), p2[None])[0]
+            i1, i2, _ = mutual_nearest_neighbours(d1, d2)
+            moved = warp_points(p1[i1].double(), homographies[b].to(p1.device, torch.float64))
+            self.correct += int(((moved - p2[i2].double()).norm(dim=-1) <= self.max_distance).sum())
+            self.matches += len(i1)
+
+    def compute(self) -> dict:
+        return {"match_precision": self.correct / self.matches if self.matches else 0.0,
+                "matches": self.matches / self.pairs if self.pairs else 0.0}
 
 
 def overlay_images(images: torch.Tensor, labels: torch.Tensor, predictions: list) -> np.ndarray:
@@ -501,33 +539,43 @@ class Trainer:
     # ---------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict:
-        """Losses and detection metrics over the first `validation_size` validation batches, in eval mode."""
+        """Losses, detection and matching metrics over the first `validation_size` validation batches, in
+        eval mode."""
         self.net.eval()
         metrics = DetectionMetrics()
         sums: dict = {}
         n_batches = 0
         first = None
+        matching = MatchingMetrics()
         try:
-            for batch in islice(self.val_loader, self.conf["validation_size"]):
-                images = batch["image"]
-                if "warped_img" in batch:
-                    images = torch.cat([images, batch["warped_img"]])
-                out = self.forward(images, model=self.net)
-                for key, value in self.compute_losses(out, batch).items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-                b = batch["image"].shape[0]
-                heatmap = logits_to_heatmap(out["semi"][:b])
-                predictions = metrics.update(heatmap, batch["labels_2D"], batch.get("valid_mask"))
-                if first is None:
-                    first = (batch["image"][:TENSORBOARD_MAX_IMAGES], batch["labels_2D"][:TENSORBOARD_MAX_IMAGES],
-                             predictions[:TENSORBOARD_MAX_IMAGES], heatmap[:TENSORBOARD_MAX_IMAGES])
-                n_batches += 1
+            # The same descriptor-loss draws at every validation; the training random state is kept.
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                for batch in islice(self.val_loader, self.conf["validation_size"]):
+                    images = batch["image"]
+                    if "warped_img" in batch:
+                        images = torch.cat([images, batch["warped_img"]])
+                    out = self.forward(images, model=self.net)
+                    for key, value in self.compute_losses(out, batch).items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    b = batch["image"].shape[0]
+                    heatmap = logits_to_heatmap(out["semi"][:b])
+                    predictions = metrics.update(heatmap, batch["labels_2D"], batch.get("valid_mask"))
+                    if "warped_img" in batch:
+                        matching.update(heatmap, out["desc"][:b], logits_to_heatmap(out["semi"][b:]),
+                                        out["desc"][b:], batch["homographies"])
+                    if first is None:
+                        first = (batch["image"][:TENSORBOARD_MAX_IMAGES], batch["labels_2D"][:TENSORBOARD_MAX_IMAGES],
+                                 predictions[:TENSORBOARD_MAX_IMAGES], heatmap[:TENSORBOARD_MAX_IMAGES])
+                    n_batches += 1
         finally:
             self.net.train()
         if n_batches == 0:
             raise ConfigError(f"{self.source}: the validation set is empty")
         result = {key: value / n_batches for key, value in sums.items()}
         result.update(metrics.compute())
+        if matching.pairs:
+            result.update(matching.compute())
         if self.writer is not None:
             for key, value in result.items():
                 self.writer.add_scalar(f"val-{key}", value, self.n_iter)
@@ -609,6 +657,8 @@ class Trainer:
                 t0 = time.perf_counter()
                 batch = next(batches)
                 data_time += time.perf_counter() - t0
+                # The descriptor loss's random draws depend on the iteration alone: a resumed run repeats them.
+                torch.manual_seed(derived_seed(self.seed, -2, self.n_iter, self.ctx.rank))
                 losses, out, stepped = self.train_step(batch)
                 self.n_iter += 1
                 progress.update(1)

@@ -27,7 +27,7 @@ import torch
 import settings
 from datasets import synthetic_shapes
 from datasets.Coco import check_resize
-from datasets.data_tools import TrainingSample, training_defaults
+from datasets.data_tools import AugmentationSeeds, TrainingSample, training_defaults
 from utils.config import IGNORED, combine, merge
 from utils.io import read_image
 
@@ -73,8 +73,7 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
         if not self.conf["on_the_fly"]:
             cache = synthetic_shapes.ensure_cache(Path(data_path), self.conf, self.conf["workers"], (self.split,))
             self.entries = synthetic_shapes.load_split(cache, self.conf, self.split)
-        self.draws = np.zeros(len(self.samples), np.int64)
-        self.epoch = None
+        self.seeds = AugmentationSeeds(self.seed, task, len(self.samples))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -91,18 +90,11 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Seed training augmentations by (seed, index, epoch) from now on (see the module docstring)."""
-        self.epoch = int(epoch)
+        self.seeds.set_epoch(epoch)
 
     def rng(self, index: int) -> np.random.Generator:
         """The augmentation generator of one access to sample `index` (see the module docstring)."""
-        if self.task == "val":
-            return np.random.default_rng([self.seed, index])
-        if self.epoch is not None:
-            return np.random.default_rng([self.seed, index, self.epoch])
-        worker = torch.utils.data.get_worker_info()
-        draw = int(self.draws[index])
-        self.draws[index] += 1
-        return np.random.default_rng([self.seed, index, draw, worker.seed if worker else 0])
+        return self.seeds.rng(index)
 
     def __getitem__(self, index: int) -> dict:
         index = range(len(self))[index]  # negative indices; IndexError beyond the end

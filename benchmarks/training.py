@@ -87,12 +87,14 @@ def main():
                     for loading, seconds in measured[concrete].items():
                         unit = measured["fp32"][loading]
                         rows.append({"device": device.type, "batch": batch, "precision": precision, "runs_as": concrete,
-                                     "loading": loading, "it_per_s": 1 / seconds, "images_per_s": batch / seconds,
+                                     "loading": loading, "seconds_per_it": seconds, "it_per_s": 1 / seconds,
+                                     "images_per_s": batch / seconds,
                                      "vs_fp32": unit / seconds, "threads": torch.get_num_threads(),
                                      "workers": args.workers if loading == "included" else 0})
                         print_table(rows[-1:], list(rows[-1]))
     print()
-    print_table(rows, ["device", "batch", "precision", "runs_as", "loading", "it_per_s", "images_per_s", "vs_fp32"])
+    print_table(rows, ["device", "batch", "precision", "runs_as", "loading", "seconds_per_it", "it_per_s",
+                       "images_per_s", "vs_fp32"])
     write_json(args.json, rows)
 
 

@@ -18,8 +18,10 @@ $(STAMP): requirements.txt requirements_torch.txt
 test: venv
 	$(PY) -m pytest -q -rs tests
 
+# The whole pipeline on built-in data (pipeline/quickstart.py); everything goes to $(QUICKSTART_OUT).
+QUICKSTART_OUT ?= quickstart_output
 quickstart: venv
-	@echo "make quickstart: not yet available (see issue 'make quickstart'); run 'make test' meanwhile"
+	$(PY) -m pipeline.quickstart --output $(QUICKSTART_OUT)
 
 bench: venv
 	$(PY) benchmarks/inference.py

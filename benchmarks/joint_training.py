@@ -7,7 +7,11 @@
 Per loss and device, in a fresh process (so that peak memories do not mix):
 * `it_per_s`: trainer iterations per second (forward of image + warped image, detector and descriptor
   losses, backward, Adam), one batch reused so data loading is excluded; the median over --runs runs
-  of --steps iterations, after one warm-up iteration.
+  of --steps iterations, after one warm-up iteration (`seconds_per_it` its inverse). On one CPU thread a
+  batch-8 iteration takes about 20 s: use --steps 1 there.
+* `forward_ms`: the unit, measured in the same process: a plain fp32 forward of the same 2 x batch
+  images (eval mode, no gradient), median over --runs runs of --steps calls. `step_in_forwards` is one
+  iteration in these units: the ratio that stays meaningful on a loaded machine.
 * `loss_ms`: the descriptor loss alone, forward + backward on the network's descriptors (median).
 * `loss_peak_mb`: peak memory added by one descriptor-loss forward + backward (on top of its inputs).
 * `step_peak_mb`: peak memory added by the training iterations over what the process held before
@@ -107,6 +111,16 @@ def median_seconds(fn, device, steps, runs) -> float:
     return statistics.median(times)
 
 
+@torch.no_grad()
+def plain_forward(tr, images):
+    """The network alone on (2B, 1, H, W) images in fp32, eval mode, no gradient (the trainer's input layout)."""
+    tr.net.eval()
+    try:
+        return tr.forward(images, model=tr.net)
+    finally:
+        tr.net.train()
+
+
 def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int) -> dict:
     """One row, measured in this process."""
     device = torch.device(device_name)
@@ -124,8 +138,9 @@ def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int
         fixed = next(batches)
         batches.close()
         # The descriptor loss alone, on the network's descriptors of this batch.
+        images = torch.cat([fixed["image"], fixed["warped_img"]])
         with torch.no_grad():
-            out = tr.forward(torch.cat([fixed["image"], fixed["warped_img"]]))
+            out = tr.forward(images)
         desc, warped = out["desc"][:batch], out["desc"][batch:]
         homographies = fixed["homographies"].to(device)
         mask = fixed["warped_valid_mask"].to(device)
@@ -147,8 +162,11 @@ def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int
         reset_peak(device)
         step_seconds = median_seconds(lambda: tr.train_step(fixed), device, steps, runs)
         peak = peak_bytes(device)
+        forward_seconds = median_seconds(lambda: plain_forward(tr, images), device, steps, runs)
         return {"device": device.type, "loss": loss, "batch": batch, "size": f"{size[0]}x{size[1]}",
-                "it_per_s": 1 / step_seconds, "loss_ms": 1000 * loss_seconds, "loss_peak_mb": loss_peak / 2 ** 20,
+                "it_per_s": 1 / step_seconds, "seconds_per_it": step_seconds, "forward_ms": 1000 * forward_seconds,
+                "step_in_forwards": step_seconds / forward_seconds,
+                "loss_ms": 1000 * loss_seconds, "loss_peak_mb": loss_peak / 2 ** 20,
                 "step_peak_mb": (peak - before) / 2 ** 20, "peak_mb": peak / 2 ** 20,
                 "threads": torch.get_num_threads()}
 
@@ -185,8 +203,8 @@ def main():
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print_table(rows[-1:], list(rows[-1]))
     print()
-    print_table(rows, ["device", "loss", "batch", "size", "it_per_s", "loss_ms", "loss_peak_mb", "step_peak_mb",
-                       "peak_mb", "threads"])
+    print_table(rows, ["device", "loss", "batch", "size", "it_per_s", "seconds_per_it", "forward_ms",
+                       "step_in_forwards", "loss_ms", "loss_peak_mb", "step_peak_mb", "peak_mb", "threads"])
     write_json(args.json, rows)
 
 

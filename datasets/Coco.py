@@ -116,14 +116,15 @@ class Coco(torch.utils.data.Dataset):
     default_conf = default_conf
 
     def __init__(self, conf: Mapping | None = None, task: str = "train", seed: int = 0,
-                 data_path: str | Path = settings.DATA_PATH, source: str = "data",
+                 data_path: str | Path | None = None, source: str = "data",
                  exper_path: str | Path | None = None):
         self.conf = merge(type(self).default_conf, conf, source=source)
         self.task, self.seed, self.source = task, seed, source
         self.size = check_resize(self.conf["preprocessing"]["resize"], source)
         adaptation = self.conf["homography_adaptation"]
         self.training = bool(self.conf["labels"]) and not (isinstance(adaptation, Mapping) and adaptation.get("enable"))
-        self.samples = self.list_samples(Path(data_path))
+        # DATA_PATH is read at call time, so a changed settings.DATA_PATH (or environment) applies.
+        self.samples = self.list_samples(Path(data_path if data_path is not None else settings.DATA_PATH))
         if self.training:
             self.build = TrainingSample(self.conf, task, source)
             self.samples = self.labelled(self.samples, Path(exper_path if exper_path is not None else settings.EXPER_PATH))

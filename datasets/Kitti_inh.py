@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Callable
 
 from datasets.Coco import IMAGE_SUFFIXES, Coco, find_folder, list_images
 from utils.config import combine
@@ -46,6 +47,31 @@ def read_split(path: Path) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def split_frames(split_file: Path, folder_of: Callable[[str], Path], suffixes, what: str, layout: str,
+                 log_name: str) -> tuple[list[dict], list[str]]:
+    """Frames of every entry of a split file, as samples named `<entry>/<frame>`.
+
+    folder_of: entry -> its folder of frames. Entries without frames are skipped with one warning and
+    returned as the second value; a split without any frame is a DataError naming `layout`.
+    """
+    entries = read_split(split_file)
+    samples, absent = [], []
+    for entry in entries:
+        folder = folder_of(entry)
+        frames = list_images(folder, suffixes) if folder.is_dir() else []
+        if not frames:
+            absent.append(entry)
+            continue
+        samples += [{"image": p, "name": f"{entry}/{p.stem}"} for p in frames]
+    if absent:
+        log.warning("%s: %d of %d %s of %s have no frames and are skipped: %s%s", log_name, len(absent),
+                    len(entries), what, split_file, ", ".join(absent[:5]), " ..." if len(absent) > 5 else "")
+    if not samples:
+        raise DataError(f"{log_name}: none of the {len(entries)} {what} of {split_file} has frames "
+                        f"({', '.join(suffixes)}) under {layout}")
+    return samples, absent
+
+
 class Kitti_inh(Coco):  # noqa: N801 (reference name)
     """Frames of the KITTI drives of one split. Samples (export or training) as `Coco`, named `<line>/<frame>`."""
 
@@ -55,25 +81,14 @@ class Kitti_inh(Coco):  # noqa: N801 (reference name)
         root = resolve_path(self.conf["root"], "root", data_path, self.source)
         split_dir = resolve_path(self.conf["root_split_txt"], "root_split_txt", data_path, self.source)
         split_file = split_dir / f"{self.task}.txt"
-        lines = read_split(split_file)
-        samples, absent = [], []
-        for line in lines:
+
+        def folder_of(line: str) -> Path:
             match = _LINE.match(line)
             if match is None:
                 raise DataError(f"{split_file}: line {line!r} is not '<drive>_<camera>' "
                                 f"(e.g. 2011_09_26_drive_0020_sync_02)")
-            folder = root / match["drive"] / f"image_{match['camera']}" / "data"
-            frames = list_images(folder) if folder.is_dir() else []
-            if not frames:
-                absent.append(line)
-                continue
-            samples += [{"image": p, "name": f"{line}/{p.stem}"} for p in frames]
-        if absent:
-            log.warning("KITTI %s: %d of %d drives of %s have no frames under %s and are skipped: %s%s",
-                        self.task, len(absent), len(lines), split_file, root, ", ".join(absent[:5]),
-                        " ..." if len(absent) > 5 else "")
-        self.absent_drives = absent
-        if not samples:
-            raise DataError(f"KITTI {self.task}: none of the {len(lines)} drives of {split_file} has frames "
-                            f"({', '.join(IMAGE_SUFFIXES)}) under {root}/<drive>/image_<camera>/data")
+            return root / match["drive"] / f"image_{match['camera']}" / "data"
+
+        samples, self.absent_drives = split_frames(split_file, folder_of, IMAGE_SUFFIXES, "drives",
+                                                   f"{root}/<drive>/image_<camera>/data", f"KITTI {self.task}")
         return samples

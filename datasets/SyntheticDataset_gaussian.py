@@ -61,7 +61,7 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
     default_conf = default_conf
 
     def __init__(self, conf: Mapping | None = None, task: str = "train", seed: int = 0,
-                 data_path: str | Path = settings.DATA_PATH, source: str = "data"):
+                 data_path: str | Path | None = None, source: str = "data"):
         if task not in TASK_SPLITS:
             raise ValueError(f"task is {task!r}; expected one of {list(TASK_SPLITS)}")
         self.conf = merge(type(self).default_conf, conf, source=source)
@@ -71,7 +71,8 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
         self.samples = synthetic_shapes.split_samples(self.conf, self.split)  # [(primitive, index)]
         self.entries = None  # [(image path, points)] in the same order, when read from the cache
         if not self.conf["on_the_fly"]:
-            cache = synthetic_shapes.ensure_cache(Path(data_path), self.conf, self.conf["workers"], (self.split,))
+            root = Path(data_path if data_path is not None else settings.DATA_PATH)  # read at call time
+            cache = synthetic_shapes.ensure_cache(root, self.conf, self.conf["workers"], (self.split,))
             self.entries = synthetic_shapes.load_split(cache, self.conf, self.split)
         self.seeds = AugmentationSeeds(self.seed, task, len(self.samples))
 

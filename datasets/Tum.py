@@ -12,15 +12,11 @@ A relative `root` or `root_split_txt` is looked up under DATA_PATH first, then u
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from datasets.Coco import Coco, list_images
-from datasets.Kitti_inh import read_split, resolve_path
+from datasets.Coco import Coco
+from datasets.Kitti_inh import resolve_path, split_frames
 from utils.config import combine
-from utils.io import DataError
-
-log = logging.getLogger(__name__)
 
 default_conf = combine(Coco.default_conf, {
     "dataset": "Tum",
@@ -43,21 +39,6 @@ class Tum(Coco):
         if self.conf["root_split_txt"]:
             split_dir = resolve_path(self.conf["root_split_txt"], "root_split_txt", data_path, self.source)
         split_file = split_dir / f"{self.task}.txt"
-        scenes = read_split(split_file)
-        samples, absent = [], []
-        for scene in scenes:
-            folder = root / scene / "rgb"
-            frames = list_images(folder, FRAME_SUFFIXES) if folder.is_dir() else []
-            if not frames:
-                absent.append(scene)
-                continue
-            samples += [{"image": p, "name": f"{scene}/{p.stem}"} for p in frames]
-        if absent:
-            log.warning("TUM %s: %d of %d scenes of %s have no frames under %s and are skipped: %s%s",
-                        self.task, len(absent), len(scenes), split_file, root, ", ".join(absent[:5]),
-                        " ..." if len(absent) > 5 else "")
-        self.absent_scenes = absent
-        if not samples:
-            raise DataError(f"TUM {self.task}: none of the {len(scenes)} scenes of {split_file} has frames "
-                            f"(.png) under {root}/<scene>/rgb")
+        samples, self.absent_scenes = split_frames(split_file, lambda scene: root / scene / "rgb", FRAME_SUFFIXES,
+                                                   "scenes", f"{root}/<scene>/rgb", f"TUM {self.task}")
         return samples

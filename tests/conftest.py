@@ -41,3 +41,13 @@ def hpatches(shared_data) -> Path:
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny convolutions gain nothing from threads, and on a shared
+    CPU spinning threads cost a lot. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

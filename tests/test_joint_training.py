@@ -32,13 +32,7 @@ PAIR = {  # mild homographies: most of the warped image stays valid
     "valid_border_margin": 3,
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_image(path: Path, seed: int, h: int = H, w: int = W) -> None:
@@ -187,7 +181,8 @@ def test_tum_scenes_export_and_training(tmp_path):
 
 @pytest.mark.parametrize("name, dataset", [
     ("superpoint_coco_train_heatmap.yaml", "Coco"), ("superpoint_kitti_train_heatmap.yaml", "Kitti_inh"),
-    ("superpoint_tum_train_heatmap.yaml", "Tum"), ("magicpoint_kitti_train.yaml", "Kitti_inh")])
+    ("superpoint_tum_train_heatmap.yaml", "Tum"), ("magicpoint_kitti_train.yaml", "Kitti_inh"),
+    ("superpoint_coco_finetune_magicleap.yaml", "Coco")])
 def test_shipped_training_configs_validate(name, dataset):
     conf = load_config(REPO / "configs" / name, trainer_lib.default_conf)
     assert conf["data"]["dataset"] == dataset

@@ -34,6 +34,25 @@ def test_gauss2_matches_reference_architecture():
     assert torch.allclose(out["desc"].norm(dim=1), torch.ones(2, 6, 8), atol=1e-5)
 
 
+def test_dustbin_prior_starts_the_detector_at_the_no_corner_loss():
+    torch.manual_seed(0)
+    plain = get_model("SuperPointNet_gauss2")
+    torch.manual_seed(0)
+    prior = get_model("SuperPointNet_gauss2", {"dustbin_prior": 6.0})
+    assert set(prior.state_dict()) == set(plain.state_dict())
+    expected_bias = torch.zeros(65)
+    expected_bias[64] = 6.0
+    assert torch.equal(prior.bnPb.bias.detach(), expected_bias)
+    # In training mode BatchNorm standardises the logits, so the prior alone sets the class balance:
+    # on an image without corners the cross-entropy falls from about log(65) to about
+    # -log(e^6 / (e^6 + 64)) = 0.15 (plus the spread of the standardised logits).
+    image = torch.rand(2, 1, 64, 64)
+    no_corner = torch.full((2, 8, 8), 64)
+    loss_plain = torch.nn.functional.cross_entropy(plain.train()(image)["semi"], no_corner).item()
+    loss_prior = torch.nn.functional.cross_entropy(prior.train()(image)["semi"], no_corner).item()
+    assert loss_plain > 3.5 and loss_prior < 1.0
+
+
 def test_pretrained_layout_matches_magicleap(magicleap_weights):
     net = get_model("SuperPointNet_pretrained")
     assert sum(p.numel() for p in net.parameters()) == 1_300_865

@@ -22,6 +22,8 @@ from utils.config import ConfigError, merge
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 32
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 class TinySquares(torch.utils.data.Dataset):
     """32 x 32 images of one bright square on a darker background, labelled at its 4 corner pixels;
@@ -66,15 +68,6 @@ def register_tiny_dataset():
 @pytest.fixture(autouse=True)
 def tiny_dataset(monkeypatch):
     monkeypatch.setitem(datasets.DATASETS, "TinySquares", (__name__, "TinySquares"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from threads, and on a shared CPU spinning threads cost a lot.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def deep_update(base: dict, new: dict) -> dict:

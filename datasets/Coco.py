@@ -93,12 +93,19 @@ def find_folder(value, key: str, bases: Sequence[Path], source: str) -> Path:
     raise DataError(f"{source}: data.{key} folder not found: looked in {', '.join(map(str, candidates))}")
 
 
-def read_points(path: Path) -> torch.Tensor:
+def read_points(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:
     """Keypoints (N, 2) float32 x, y of a label npz (`pts` (N, 2+) x, y[, score]); a malformed file is
-    a DataError naming it."""
-    pts = load_npz(path, ["pts"])["pts"]
+    a DataError naming it. Labels that record their `image_size` (H, W), as this project's export
+    does, must have been made at `size`: other labels would sit at the wrong pixels."""
+    data = load_npz(path)
+    if "pts" not in data:
+        raise DataError(f"{path}: missing key 'pts'; it has {sorted(data)}")
+    pts = data["pts"]
     if pts.ndim != 2 or pts.shape[1] < 2:
         raise DataError(f"{path}: 'pts' has shape {pts.shape}; expected (N, 3) x, y, score")
+    if size is not None and "image_size" in data and tuple(int(v) for v in data["image_size"]) != tuple(size):
+        raise DataError(f"{path}: labels made at image size {tuple(int(v) for v in data['image_size'])} (H, W) "
+                        f"but data.preprocessing.resize is {list(size)}; use the resize of the label export")
     return torch.from_numpy(np.ascontiguousarray(pts[:, :2], dtype=np.float32))
 
 
@@ -177,6 +184,6 @@ class Coco(torch.utils.data.Dataset):
         index = range(len(self))[index]  # negative indices; IndexError beyond the end
         entry = self.samples[index]
         image = load_image(entry["image"], self.size)[0].numpy()
-        sample = self.build(image, read_points(entry["labels"]), self.seeds.rng(index))
+        sample = self.build(image, read_points(entry["labels"], self.size), self.seeds.rng(index))
         sample["name"] = entry["name"]
         return sample

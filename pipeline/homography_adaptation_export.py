@@ -146,7 +146,8 @@ def export_split(dataset, extractor, ha_conf: Mapping, out_dir: Path, seed: int 
             counts["corrupt"] += 1
             continue
         pts = label_image(sample["image"], extractor, ha_conf, image_rng(seed, name))
-        save_npz(target, pts=pts)
+        # image_size lets training check that it uses the resize the labels were made at.
+        save_npz(target, pts=pts, image_size=np.array(sample["image"].shape[-2:], dtype=np.int64))
         if output_img:
             save_image(out_dir / f"{name}.png", overlay(sample["image"], pts))
         counts["written"] += 1

@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Iterations and sizes per budget. `default` fits in about 20 minutes on 2 CPU cores (fp32); `smoke`
 # runs every stage in a couple of minutes (the test suite's end-to-end check; its numbers mean little).
 BUDGETS = {
-    "default": {"magicpoint_iters": 1000, "magicpoint_batch": 4, "homographies": 30,
+    "default": {"magicpoint_iters": 900, "magicpoint_batch": 4, "homographies": 30,
                 "joint_iters": 200, "joint_batch": 1, "eval_images": len(builtin.EVAL_IMAGES), "magicleap": True},
     "smoke": {"magicpoint_iters": 4, "magicpoint_batch": 2, "homographies": 2,
               "joint_iters": 2, "joint_batch": 1, "eval_images": 1, "magicleap": False},

@@ -334,7 +334,9 @@ def test_export_kitti_writes_drive_folders(tmp_path, monkeypatch, random_weights
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.npz")) == [
         f"2011_09_26_drive_0001_sync_02/{i:010d}.npz" for i in range(3)] + [
         f"2011_09_26_drive_0005_sync_02/{i:010d}.npz" for i in range(2)]
-    pts = load_npz(out / "2011_09_26_drive_0005_sync_02" / "0000000001.npz")["pts"]
+    label = load_npz(out / "2011_09_26_drive_0005_sync_02" / "0000000001.npz")
+    assert label["image_size"].tolist() == [32, 48]  # the config's resize, for training to check
+    pts = label["pts"]
     assert pts.ndim == 2 and pts.shape[1] == 3 and 0 < len(pts) <= 50
     assert np.all(np.diff(pts[:, 2]) <= 0) and np.all(pts[:, 2] >= 0.001)
     png = cv2.imread(str(out / "2011_09_26_drive_0005_sync_02" / "0000000001.png"))

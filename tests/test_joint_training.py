@@ -121,6 +121,18 @@ def test_coco_warped_image_is_the_clean_image_warped(tmp_path):
     assert not torch.equal(train[0]["homographies"], first["homographies"])
 
 
+def test_labels_made_at_another_size_are_refused(tmp_path):
+    make_coco(tmp_path, n_train=2, unlabelled=0)
+    labels = tmp_path / "exper" / "ha" / "predictions" / "train"
+    pts = np.load(labels / "train000.npz")["pts"]
+    save_npz(labels / "train000.npz", pts=pts, image_size=np.array([H, W]))  # as the export writes them
+    save_npz(labels / "train001.npz", pts=pts, image_size=np.array([2 * H, 2 * W]))
+    ds = Coco(coco_conf(), task="train", data_path=tmp_path / "data", exper_path=tmp_path / "exper")
+    assert ds[0]["image"].shape == (1, H, W)
+    with pytest.raises(DataError, match=rf"train001.npz: labels made at image size \({2 * H}, {2 * W}\)"):
+        ds[1]
+
+
 def test_labels_are_found_under_exper_path_then_the_working_directory(tmp_path, monkeypatch):
     make_coco(tmp_path)
     monkeypatch.chdir(tmp_path / "exper")  # `ha/predictions` now also resolves from the working directory

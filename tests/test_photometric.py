@@ -1,7 +1,10 @@
 """Photometric primitives (reference-spec 3.1): each has its documented effect, float32 throughout,
 deterministic for a seed, applied in the configured order."""
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from utils import photometric as ph
 from utils.config import ConfigError
@@ -126,14 +129,9 @@ def test_motion_blur_of_a_constant_image_is_constant():
         np.testing.assert_allclose(ph.motion_blur(img, rng(seed), max_kernel_size=9), img, atol=1e-6)
 
 
-SYNTH_PARAMS = {
-    "random_brightness": {"max_abs_change": 75},
-    "random_contrast": {"strength_range": [0.3, 1.8]},
-    "additive_gaussian_noise": {"stddev_range": [0, 15]},
-    "additive_speckle_noise": {"prob_range": [0, 0.0035]},
-    "additive_shade": {"transparency_range": [-0.5, 0.8], "kernel_size_range": [50, 100]},
-    "motion_blur": {"max_kernel_size": 7},
-}
+# The synthetic-shapes photometric parameters of the shipped config (the reference's).
+SHAPES_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "magicpoint_shapes_pair.yaml"
+SYNTH_PARAMS = yaml.safe_load(SHAPES_CONFIG.read_text())["data"]["augmentation"]["photometric"]["params"]
 
 
 def test_augmentation_is_deterministic_for_a_seed_and_float32():

@@ -2,15 +2,21 @@
 the augmented image, seeded randomness, cached and on-the-fly modes."""
 import copy
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from datasets.data_tools import points_to_label_map, sample_pixel_homography
 from datasets.SyntheticDataset_gaussian import SyntheticDataset_gaussian
 from utils.config import ConfigError
 from utils.geometry import inside_image, valid_mask, warp_image, warp_points
+
+# The reference's synthetic-shapes photometric augmentation, as the shipped config has it.
+SYNTH_PHOTOMETRIC = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "magicpoint_shapes_pair.yaml")
+                                   .read_text())["data"]["augmentation"]["photometric"]
 
 H, W = 120, 160
 HOMOGRAPHIC = {"translation": True, "rotation": True, "scaling": True, "perspective": True,
@@ -29,19 +35,7 @@ SHAPES_PAIR = {
     "gaussian_label": {"enable": False, "params": {"GaussianBlur": {"sigma": 0.2}}},
     "preprocessing": {"blur_size": 21, "resize": [H, W]},
     "augmentation": {
-        "photometric": {
-            "enable": True, "enable_train": True, "enable_val": False,
-            "primitives": ["random_brightness", "random_contrast", "additive_speckle_noise",
-                           "additive_gaussian_noise", "additive_shade", "motion_blur"],
-            "params": {
-                "random_brightness": {"max_abs_change": 75},
-                "random_contrast": {"strength_range": [0.3, 1.8]},
-                "additive_gaussian_noise": {"stddev_range": [0, 15]},
-                "additive_speckle_noise": {"prob_range": [0, 0.0035]},
-                "additive_shade": {"transparency_range": [-0.5, 0.8], "kernel_size_range": [50, 100]},
-                "motion_blur": {"max_kernel_size": 7},
-            },
-        },
+        "photometric": SYNTH_PHOTOMETRIC,
         "homographic": {"enable": True, "enable_train": True, "enable_val": False, "params": HOMOGRAPHIC,
                         "valid_border_margin": 2},
     },

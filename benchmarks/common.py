@@ -34,6 +34,21 @@ def median_ms(fn: Callable[[], object], device: torch.device, runs: int = 20, wa
     return 1000.0 * statistics.median(times)
 
 
+def seconds_per_call(fn: Callable[[], object], device: torch.device, steps: int, runs: int) -> float:
+    """Median over `runs` of the mean time in seconds of `steps` calls of `fn()`, after one warm-up call
+    (for calls too slow to repeat 20 times, e.g. training steps)."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) / steps)
+    return statistics.median(times)
+
+
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:
     widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

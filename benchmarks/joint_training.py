@@ -26,16 +26,14 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import numpy as np
 import torch
 
-from common import REPO, devices, print_table, synchronize, write_json  # noqa: E402  (adds the repo to sys.path)
+from common import REPO, devices, print_table, seconds_per_call, synchronize, write_json  # noqa: E402  (adds the repo to sys.path)
 from datasets.data_tools import TrainingSample  # noqa: E402
 from pipeline import trainer as trainer_lib  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -98,19 +96,6 @@ def peak_bytes(device) -> int:
     return _proc_status("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def median_seconds(fn, device, steps, runs) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def plain_forward(tr, images):
     """The network alone on (2B, 1, H, W) images in fp32, eval mode, no gradient (the trainer's input layout)."""
@@ -157,12 +142,12 @@ def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int
         loss_step()
         synchronize(device)
         loss_peak = peak_bytes(device) - before
-        loss_seconds = median_seconds(loss_step, device, steps, runs)
+        loss_seconds = seconds_per_call(loss_step, device, steps, runs)
         before = current_bytes(device)
         reset_peak(device)
-        step_seconds = median_seconds(lambda: tr.train_step(fixed), device, steps, runs)
+        step_seconds = seconds_per_call(lambda: tr.train_step(fixed), device, steps, runs)
         peak = peak_bytes(device)
-        forward_seconds = median_seconds(lambda: plain_forward(tr, images), device, steps, runs)
+        forward_seconds = seconds_per_call(lambda: plain_forward(tr, images), device, steps, runs)
         return {"device": device.type, "loss": loss, "batch": batch, "size": f"{size[0]}x{size[1]}",
                 "it_per_s": 1 / step_seconds, "seconds_per_it": step_seconds, "forward_ms": 1000 * forward_seconds,
                 "step_in_forwards": step_seconds / forward_seconds,

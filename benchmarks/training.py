@@ -12,13 +12,11 @@ hardware (`auto` without bf16 support) is not measured twice.
 """
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 import torch
 
-from common import REPO, devices, print_table, synchronize, write_json  # noqa: E402  (adds the repo to sys.path)
+from common import REPO, devices, print_table, seconds_per_call, write_json  # noqa: E402  (adds the repo to sys.path)
 from pipeline import trainer as trainer_lib  # noqa: E402
 from utils import precision as precision_lib  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -33,20 +31,6 @@ def make_trainer(device, batch: int, precision: str, workers: int, folder: str) 
     conf["data"]["on_the_fly"] = True
     conf["train_iter"] = 10 ** 9
     return trainer_lib.Trainer(conf, folder, device=device, source=str(CONFIG))
-
-
-def seconds_per_step(step, device, steps: int, runs: int) -> float:
-    """Median over `runs` of the mean time of `steps` calls of `step()`, after one warm-up call."""
-    step()
-    synchronize(device)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        synchronize(device)
-        times.append((time.perf_counter() - start) / steps)
-    return statistics.median(times)
 
 
 def main():
@@ -78,8 +62,8 @@ def main():
                         batches = tr._batches()
                         fixed = next(batches)
                         measured[concrete] = {
-                            "excluded": seconds_per_step(lambda: tr.train_step(fixed), device, args.steps, args.runs),
-                            "included": seconds_per_step(lambda: tr.train_step(next(batches)), device,
+                            "excluded": seconds_per_call(lambda: tr.train_step(fixed), device, args.steps, args.runs),
+                            "included": seconds_per_call(lambda: tr.train_step(next(batches)), device,
                                                          args.steps, args.runs),
                         }
                         batches.close()

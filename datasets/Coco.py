@@ -103,9 +103,10 @@ def read_points(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor
     pts = data["pts"]
     if pts.ndim != 2 or pts.shape[1] < 2:
         raise DataError(f"{path}: 'pts' has shape {pts.shape}; expected (N, 3) x, y, score")
-    if size is not None and "image_size" in data and tuple(int(v) for v in data["image_size"]) != tuple(size):
-        raise DataError(f"{path}: labels made at image size {tuple(int(v) for v in data['image_size'])} (H, W) "
-                        f"but data.preprocessing.resize is {list(size)}; use the resize of the label export")
+    made_at = tuple(int(v) for v in data["image_size"]) if "image_size" in data else None
+    if size is not None and made_at is not None and made_at != tuple(size):
+        raise DataError(f"{path}: labels made at image size {made_at} (H, W) but data.preprocessing.resize "
+                        f"is {list(size)}; use the resize of the label export")
     return torch.from_numpy(np.ascontiguousarray(pts[:, :2], dtype=np.float32))
 
 

@@ -33,7 +33,9 @@ import yaml
 
 import settings
 from datasets import builtin
+from pipeline.trainer import latest_checkpoint
 from utils.cli import exit_on_error, setup_logging
+from utils.evaluation import HEADLINE_HEADER, headline_cells
 from utils.io import write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,11 +64,10 @@ def write_config(out: Path, name: str, conf: dict) -> Path:
 
 
 def last_checkpoint(exper_dir: Path) -> Path:
-    found = sorted((exper_dir / "checkpoints").glob("superPointNet_*_checkpoint.pth.tar"),
-                   key=lambda p: int(p.name.split("_")[1]))
-    if not found:
+    found = latest_checkpoint(exper_dir / "checkpoints")
+    if found is None:
         raise RuntimeError(f"{exper_dir}/checkpoints holds no checkpoint; the training stage failed")
-    return found[-1]
+    return found
 
 
 class Runner:
@@ -184,14 +185,10 @@ def evaluate(run: Runner, row: str, weights: Path | None, network: str = "SuperP
 
 def results_table(summary: dict) -> str:
     """Markdown table, one row per entry of summary (name -> result.json object)."""
-    header = ["model", "eps=1", "eps=3", "eps=5", "Rep", "MLE", "NN mAP", "M.score", "pairs"]
+    header = ["model", *HEADLINE_HEADER, "pairs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, res in summary.items():
-        corr = res.get("homography_correctness") or {}
-        values = [corr.get("1"), corr.get("3"), corr.get("5"), res.get("repeatability"), res.get("localization_err"),
-                  res.get("mAP"), res.get("mscore")]
-        cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
-        lines.append("| " + " | ".join([name, *cells, str(res.get("n_pairs", "n/a"))]) + " |")
+        lines.append("| " + " | ".join([name, *headline_cells(res), str(res.get("n_pairs", "n/a"))]) + " |")
     return "\n".join(lines)
 
 
@@ -201,9 +198,8 @@ def run_quickstart(out: Path, budget_name: str = "default", seed: int = 0) -> di
     out.mkdir(parents=True, exist_ok=True)
     run = Runner(out)
     start = time.perf_counter()
-    t0 = time.perf_counter()
     data = prepare_data(out, seed, budget["eval_images"])
-    run.timings["data"] = time.perf_counter() - t0
+    run.timings["data"] = time.perf_counter() - start
     print(f"[data] {len(data['train_images'])} training images, {len(data['eval_sequences'])} evaluation "
           f"sequences (5 pairs each) under {run.data}", flush=True)
 

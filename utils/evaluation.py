@@ -293,12 +293,18 @@ def evaluate_predictions(pred_dir, repeatability: bool = False, homography: bool
     return results
 
 
-def headline_table(results: dict) -> str:
-    """The seven numbers of the reference's README table as a markdown table (n/a where not computed)."""
+HEADLINE_HEADER = ["eps=1", "eps=3", "eps=5", "Rep", "MLE", "NN mAP", "M.score"]
+
+
+def headline_cells(results: dict) -> list[str]:
+    """The seven numbers of the reference's README table, formatted (n/a where not computed)."""
     corr = results.get("homography_correctness") or {}
     values = [corr.get("1"), corr.get("3"), corr.get("5"), results.get("repeatability"),
               results.get("localization_err"), results.get("mAP"), results.get("mscore")]
-    header = ["eps=1", "eps=3", "eps=5", "Rep", "MLE", "NN mAP", "M.score"]
-    cells = ["n/a" if v is None else f"{v:.3f}" for v in values]
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-                      "| " + " | ".join(cells) + " |"])
+    return ["n/a" if v is None else f"{v:.3f}" for v in values]
+
+
+def headline_table(results: dict) -> str:
+    """The seven numbers of the reference's README table as a markdown table."""
+    return "\n".join(["| " + " | ".join(HEADLINE_HEADER) + " |", "|" + "---|" * len(HEADLINE_HEADER),
+                      "| " + " | ".join(headline_cells(results)) + " |"])

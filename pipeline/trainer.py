@@ -112,6 +112,9 @@ default_conf = {
         "precision": "fp32",  # fp32 | bf16 | fp16 | auto (utils.precision)
         "channels_last": "auto",  # true | false | auto (utils.precision.use_channels_last)
         "nan_patience": 10,  # consecutive non-finite losses that stop the run
+        # Step schedule: the learning rate is multiplied by lr_decay at each iteration listed (none: constant).
+        "lr_milestones": [],
+        "lr_decay": 0.1,
     },
     "pretrained": None,
     "retrain": True,  # true: new network; false: load `pretrained`
@@ -413,6 +416,12 @@ class Trainer:
             raise ConfigError(f"{s}: 'model.learning_rate' is {c['model']['learning_rate']!r}; expected > 0")
         if not (c["data"] or {}).get("dataset"):
             raise ConfigError(f"{s}: required key 'data.dataset' is missing or empty")
+        milestones, decay = c["training"]["lr_milestones"], c["training"]["lr_decay"]
+        if not isinstance(milestones, list) or not all(isinstance(m, int) and m > 0 for m in milestones):
+            raise ConfigError(f"{s}: 'training.lr_milestones' is {milestones!r}; expected a list of positive "
+                              f"iterations, e.g. [20000]")
+        if not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ConfigError(f"{s}: 'training.lr_decay' is {decay!r}; expected a number in (0, 1], e.g. 0.1")
 
     def _per_rank_batch(self, batch_size: int) -> int:
         if batch_size % self.ctx.world_size:
@@ -508,9 +517,18 @@ class Trainer:
         losses["loss"] = total
         return losses
 
+    def learning_rate(self, n_iter: int) -> float:
+        """The learning rate of iteration `n_iter` (0-based): model.learning_rate times training.lr_decay
+        for every milestone already reached. A function of the iteration alone, so a resumed run follows it."""
+        tconf = self.conf["training"]
+        reached = sum(n_iter >= m for m in tconf["lr_milestones"])
+        return float(self.conf["model"]["learning_rate"]) * float(tconf["lr_decay"]) ** reached
+
     def train_step(self, batch: Mapping) -> tuple[dict, dict, bool]:
         """One training iteration. Returns (losses (detached), network outputs, whether a step was taken)."""
         self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.n_iter)
         images = batch["image"]
         if "warped_img" in batch:
             images = torch.cat([images, batch["warped_img"]])

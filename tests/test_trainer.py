@@ -369,3 +369,18 @@ def test_ddp_two_processes_match_one(tmp_path):
     single = load_checkpoint(tmp_path / "logs/single/checkpoints/superPointNet_3_checkpoint.pth.tar")
     for key, value in single["model_state_dict"].items():
         torch.testing.assert_close(ddp["model_state_dict"][key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_learning_rate_steps_down_at_milestones_and_resume_follows(tmp_path):
+    conf = make_conf(train_iter=6, save_interval=2, model={"learning_rate": 1e-2},
+                     training={"lr_milestones": [2, 4], "lr_decay": 0.5})
+    run(tmp_path, make_conf(**{**conf, "train_iter": 2}), name="split")
+    run(tmp_path, conf, name="split", resume=True)
+    exp = tmp_path / "logs" / "split" / "checkpoints"
+    # The state after n iterations holds the rate of the last step taken (iteration n - 1, 0-based).
+    expected = {2: 1e-2, 4: 5e-3, 6: 2.5e-3}
+    for n, lr in expected.items():
+        groups = load_checkpoint(exp / f"superPointNet_{n}_checkpoint.pth.tar")["optimizer_state_dict"]["param_groups"]
+        assert groups[0]["lr"] == pytest.approx(lr)
+    with pytest.raises(ConfigError, match="training.lr_milestones"):
+        run(tmp_path, make_conf(training={"lr_milestones": [0]}), name="bad")

@@ -33,8 +33,7 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.debug)
-    args.nms = args.detection_threshold = args.top_k = None
-    conf = load_export_config(args)
+    conf = load_export_config(args.config, resize=args.resize)
     check_choice(conf["model"]["method"], ("sift",), "model.method", args.config)
     predictions = prepare_output(args.exper_name, conf)
     dataset = PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)

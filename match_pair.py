@@ -14,13 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
 from models.extractor import SuperPointExtractor
-from pipeline.export_features import check_preprocessing, extract_file
+from pipeline.export_features import extract_file
 from utils import draw, metrics
 from utils.cli import exit_on_error
-from utils.io import DataError, read_image, save_image
+from utils.distributed import default_device
+from utils.images import check_preprocessing, read_image
+from utils.io import DataError, save_image
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "pretrained" / "superpoint_v1.pth"
 
@@ -53,8 +53,7 @@ def main(argv=None):
     images = [read_image(args.image1), read_image(args.image2)]  # clear errors before the model loads
     preprocessing = check_preprocessing({"resize": list(args.resize) if args.resize else None,
                                          "max_edge": args.max_edge}, "command line")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = SuperPointExtractor.from_weights(args.weights or default_weights(), device=device,
+    extractor = SuperPointExtractor.from_weights(args.weights or default_weights(), device=default_device(),
                                                  top_k=args.top_k, precision=args.precision)
     f1, f2 = (extract_file(extractor, path, preprocessing) for path in (args.image1, args.image2))
     matches = metrics.mutual_nn_matches(f1["keypoints"], f1["descriptors"].T, f2["keypoints"], f2["descriptors"].T,

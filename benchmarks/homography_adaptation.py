@@ -21,7 +21,7 @@ import torch
 
 from common import REPO, print_table, synchronize, write_json  # noqa: E402  (adds the repo to sys.path)
 import settings  # noqa: E402
-from datasets.Coco import list_images, load_image  # noqa: E402
+from utils.images import list_images, load_image  # noqa: E402
 from models.extractor import SuperPointExtractor  # noqa: E402
 from utils import homography_adaptation as ha  # noqa: E402
 from utils.geometry import valid_mask, warp_image  # noqa: E402

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
-import cv2
 import numpy as np
 import torch
 
 import settings
 from datasets.data_tools import AugmentationSeeds, TrainingSample, training_defaults
-from utils.config import IGNORED, ConfigError, combine, merge
-from utils.io import DataError, load_npz, read_image
+from utils.config import IGNORED, combine, merge
+from utils.images import IMAGE_SUFFIXES, check_resize, find_folder, list_images, load_image
+from utils.io import DataError, load_npz
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 default_conf = combine(training_defaults, {
     "dataset": "Coco",
@@ -54,43 +52,6 @@ default_conf = combine(training_defaults, {
     "validation_size": IGNORED,
     "homography_adaptation": IGNORED,  # read by the export (utils.homography_adaptation)
 })
-
-
-def check_resize(resize, source: str = "data") -> tuple[int, int]:
-    """`preprocessing.resize` as (H, W); anything but two positive multiples of 8 is a ConfigError."""
-    size = tuple(resize or ())
-    if len(size) != 2 or any(not isinstance(v, int) or v <= 0 or v % 8 for v in size):
-        raise ConfigError(f"{source}: 'preprocessing.resize' is {resize!r}; expected [H, W], both positive "
-                          f"multiples of 8 (e.g. [240, 320])")
-    return size
-
-
-def load_image(path: str | Path, size: tuple[int, int] | None) -> torch.Tensor:
-    """Grey image as (1, H, W) float32 in [0, 1], resized to size (H, W) with INTER_AREA (None: as is).
-    An unreadable file is a DataError naming it."""
-    image = read_image(path)
-    if size is not None and image.shape != tuple(size):
-        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    return torch.from_numpy(image.astype(np.float32) / 255.0)[None]
-
-
-def list_images(folder: Path, suffixes=IMAGE_SUFFIXES, recursive: bool = False) -> list[Path]:
-    """Image files of a folder (by suffix, case-insensitive), sorted."""
-    files = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in files if p.is_file() and p.suffix.lower() in suffixes)
-
-
-def find_folder(value, key: str, bases: Sequence[Path], source: str) -> Path:
-    """A configured folder: absolute as given, relative under each of `bases` in turn (the first that
-    exists). Unset or not found: a DataError naming `data.<key>` and the places looked at."""
-    if not value:
-        raise DataError(f"{source}: data.{key} is not set; expected a folder")
-    path = Path(value)
-    candidates = [path] if path.is_absolute() else [Path(base) / path for base in bases]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise DataError(f"{source}: data.{key} folder not found: looked in {', '.join(map(str, candidates))}")
 
 
 def read_points(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor:

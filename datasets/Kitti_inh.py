@@ -14,16 +14,13 @@ Training (`data.labels` set; see datasets/Coco.py): the labels of frame `<line>/
 """
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
-from typing import Callable
 
-from datasets.Coco import IMAGE_SUFFIXES, Coco, find_folder, list_images
+from datasets.Coco import Coco
 from utils.config import combine
+from utils.images import IMAGE_SUFFIXES, resolve_path, split_frames
 from utils.io import DataError
-
-log = logging.getLogger(__name__)
 
 default_conf = combine(Coco.default_conf, {
     "dataset": "Kitti_inh",
@@ -33,43 +30,6 @@ default_conf = combine(Coco.default_conf, {
 })
 
 _LINE = re.compile(r"^(?P<drive>\S+)_(?P<camera>\d\d)$")
-
-
-def resolve_path(value, key: str, data_path: Path, source: str) -> Path:
-    """A configured folder: absolute as given, relative under DATA_PATH, else under the working directory."""
-    return find_folder(value, key, [data_path, Path.cwd()], source)
-
-
-def read_split(path: Path) -> list[str]:
-    """Non-empty stripped lines of a split file (a last line without a newline included)."""
-    if not path.is_file():
-        raise DataError(f"split file not found: {path}")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def split_frames(split_file: Path, folder_of: Callable[[str], Path], suffixes, what: str, layout: str,
-                 log_name: str) -> tuple[list[dict], list[str]]:
-    """Frames of every entry of a split file, as samples named `<entry>/<frame>`.
-
-    folder_of: entry -> its folder of frames. Entries without frames are skipped with one warning and
-    returned as the second value; a split without any frame is a DataError naming `layout`.
-    """
-    entries = read_split(split_file)
-    samples, absent = [], []
-    for entry in entries:
-        folder = folder_of(entry)
-        frames = list_images(folder, suffixes) if folder.is_dir() else []
-        if not frames:
-            absent.append(entry)
-            continue
-        samples += [{"image": p, "name": f"{entry}/{p.stem}"} for p in frames]
-    if absent:
-        log.warning("%s: %d of %d %s of %s have no frames and are skipped: %s%s", log_name, len(absent),
-                    len(entries), what, split_file, ", ".join(absent[:5]), " ..." if len(absent) > 5 else "")
-    if not samples:
-        raise DataError(f"{log_name}: none of the {len(entries)} {what} of {split_file} has frames "
-                        f"({', '.join(suffixes)}) under {layout}")
-    return samples, absent
 
 
 class Kitti_inh(Coco):  # noqa: N801 (reference name)

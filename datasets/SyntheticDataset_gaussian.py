@@ -29,7 +29,7 @@ from datasets import synthetic_shapes
 from datasets.Coco import check_resize
 from datasets.data_tools import AugmentationSeeds, TrainingSample, training_defaults
 from utils.config import IGNORED, combine, merge
-from utils.io import read_image
+from utils.images import read_image
 
 default_conf = combine(training_defaults, synthetic_shapes.generation_defaults, {
     "dataset": "SyntheticDataset_gaussian",

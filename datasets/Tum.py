@@ -15,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets.Coco import Coco
-from datasets.Kitti_inh import resolve_path, split_frames
 from utils.config import combine
+from utils.images import resolve_path, split_frames
 
 default_conf = combine(Coco.default_conf, {
     "dataset": "Tum",

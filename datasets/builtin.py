@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from utils.geometry import denormalize_homography, sample_homography
-from utils.io import read_image, save_image, write_text
+from utils.images import read_image
+from utils.io import save_image, write_text
 from utils.photometric import PhotometricAugmentation
 
 # Held out for evaluation; every other shipped photograph-like sample is a training image.

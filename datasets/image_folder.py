@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasets.Coco import Coco, list_images
-from datasets.Kitti_inh import resolve_path
+from datasets.Coco import Coco
 from utils.config import combine
+from utils.images import IMAGE_SUFFIXES, list_images, resolve_path
 from utils.io import DataError
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 default_conf = combine(Coco.default_conf, {
     "dataset": "ImageFolder",

@@ -18,7 +18,8 @@ import cv2
 
 from utils.config import IGNORED, ConfigError, check_choice, merge
 from utils.geometry import scale_homography
-from utils.io import DataError, read_image
+from utils.images import read_image
+from utils.io import DataError
 
 log = logging.getLogger(__name__)
 

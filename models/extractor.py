@@ -1,8 +1,9 @@
 """The extractor: network + keypoint post-processing -> keypoints, scores and descriptors.
 
 Every inference path (HPatches export, homography adaptation, feature export, demos) goes through
-`SuperPointExtractor`; `run_network` is the single place where the network is called at the configured
-precision and memory layout.
+`SuperPointExtractor`: its network runs through `utils.backends` (the one call of the network at a
+precision and memory layout, shared with training) and its keypoints come from
+`keypoints_from_heatmap` (the model config's threshold, NMS, border, top-k and sub-pixel settings).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from models import get_model
-from utils import precision as precision_lib
+from utils.backends import TorchBackend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, merge
 from utils.io import DataError
@@ -33,14 +34,32 @@ default_conf = {
 }
 
 
+def keypoints_from_heatmap(heatmap: torch.Tensor, conf: Mapping) -> list:
+    """Keypoints of a heatmap (B, H, W) with the settings of a model config (`default_conf` keys:
+    detection_threshold, nms, remove_borders, top_k, subpixel). Returns B pairs (points (N, 2) x, y,
+    scores (N,)), points by decreasing score."""
+    return extract_keypoints(heatmap, threshold=conf["detection_threshold"], nms_radius=conf["nms"],
+                             border=conf["remove_borders"], top_k=conf["top_k"],
+                             subpixel=conf["subpixel"]["enable"], patch_size=conf["subpixel"]["patch_size"])
+
+
 def weights_path(conf: Mapping) -> str | None:
     """`model.pretrained`, else a top-level `pretrained` (the reference's configs use both)."""
     model = conf.get("model") or {}
     return model.get("pretrained") or conf.get("pretrained") or None
 
 
+def apply_overrides(conf: dict, weights=None, **model_keys) -> dict:
+    """A loaded config with the command line's model settings, in place: each `model_keys` value that is
+    not None replaces `model.<key>`; `model.pretrained` becomes `weights`, else the config's weights
+    (`weights_path`). Returns conf."""
+    conf["model"].update({key: value for key, value in model_keys.items() if value is not None})
+    conf["model"]["pretrained"] = weights or weights_path(conf)
+    return conf
+
+
 # ITU-R BT.601 luma weights of R, G, B: the weights of OpenCV's cvtColor, so a tensor converted here
-# equals the same file read grey by utils.io.read_image (up to its uint8 rounding).
+# equals the same file read grey by utils.images.read_image (up to its uint8 rounding).
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
@@ -84,13 +103,8 @@ class SuperPointExtractor(nn.Module):
         self.net = get_model(self.conf["name"], self.conf["params"])
         if self.conf["pretrained"]:
             load_weights_into(self.net, self.conf["pretrained"])
-        self.precision = self.conf["precision"]
-        precision_lib.resolve(self.precision, self.device)  # validate early
-        cl = self.conf["channels_last"]
-        self.channels_last = precision_lib.use_channels_last(self.precision, self.device) if cl == "auto" else bool(cl)
-        self.net.to(self.device)
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        self.backend = TorchBackend(self.net, self.device, self.conf["precision"], self.conf["channels_last"])
+        self.precision, self.channels_last = self.backend.precision, self.backend.channels_last
         self.net.eval()
 
     def train(self, mode: bool = True):
@@ -101,12 +115,8 @@ class SuperPointExtractor(nn.Module):
     def run_network(self, images: torch.Tensor) -> dict:
         """images (B, 1, H, W) in [0, 1] -> {'semi': (B, 65, Hc, Wc) fp32, 'desc': (B, D, Hc, Wc) fp32}."""
         check_image_size(images.shape[-2], images.shape[-1])
-        x = images.to(self.device, dtype=torch.float32, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with precision_lib.autocast(self.precision, self.device):
-            out = self.net(x)
-        return {"semi": out["semi"].float(), "desc": out["desc"].float()}
+        out = self.backend(images)
+        return {"semi": out["semi"], "desc": out["desc"]}
 
     @torch.inference_mode()
     def heatmap(self, images: torch.Tensor) -> torch.Tensor:
@@ -127,11 +137,7 @@ class SuperPointExtractor(nn.Module):
 
     def postprocess(self, heatmap: torch.Tensor, dense_descriptors: torch.Tensor) -> dict:
         """Keypoints and descriptors from a heatmap (B, H, W) and descriptor map (B, D, Hc, Wc)."""
-        c = self.conf
-        detections = extract_keypoints(
-            heatmap, threshold=c["detection_threshold"], nms_radius=c["nms"], border=c["remove_borders"],
-            top_k=c["top_k"], subpixel=c["subpixel"]["enable"], patch_size=c["subpixel"]["patch_size"],
-        )
+        detections = keypoints_from_heatmap(heatmap, self.conf)
         keypoints = [k for k, _ in detections]
         descriptors = [sample_descriptors(dense_descriptors[i:i + 1], k[None])[0] for i, k in enumerate(keypoints)]
         return {

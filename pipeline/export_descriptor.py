@@ -22,6 +22,7 @@ from datasets import patches_dataset
 from models import extractor as extractor_lib
 from utils import homography_adaptation as ha
 from utils.config import IGNORED, OPEN, combine, dump_config, load_config
+from utils.distributed import default_device
 from utils.io import DataError, save_npz, write_json
 from utils.keypoints import logits_to_heatmap
 from utils.matching import mutual_nearest_neighbours
@@ -56,17 +57,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--correspondence", action="store_true", help="accepted for compatibility; unused")
 
 
-def load_export_config(args) -> dict:
-    """The config file merged with the defaults and the command-line overrides."""
-    conf = load_config(args.config, schema)
-    model = conf["model"]
-    overrides = {"nms": args.nms, "detection_threshold": args.detection_threshold, "top_k": args.top_k,
-                 "precision": getattr(args, "precision", None)}
-    model.update({k: v for k, v in overrides.items() if v is not None})
-    if args.resize:
-        conf["data"]["preprocessing"]["resize"] = list(args.resize)
-    model["pretrained"] = getattr(args, "weights", None) or extractor_lib.weights_path(conf)
-    return conf
+def load_export_config(path: str | Path, weights=None, resize=None, **model_keys) -> dict:
+    """The config file merged with the defaults and the command-line overrides: `weights`, `resize`
+    [H, W] (data.preprocessing.resize) and model keys (nms, detection_threshold, top_k, precision;
+    None keeps the config's value)."""
+    conf = load_config(path, schema)
+    if resize:
+        conf["data"]["preprocessing"]["resize"] = list(resize)
+    return extractor_lib.apply_overrides(conf, weights, **model_keys)
 
 
 def prepare_output(exper_name: str, conf: Mapping) -> Path:
@@ -134,12 +132,12 @@ def superpoint_describer(extractor: extractor_lib.SuperPointExtractor, nn_thresh
 
 
 def run(args) -> dict:
-    conf = load_export_config(args)
+    conf = load_export_config(args.config, args.weights, args.resize, nms=args.nms, top_k=args.top_k,
+                              detection_threshold=args.detection_threshold, precision=args.precision)
     predictions = prepare_output(args.exper_name, conf)
     dataset = patches_dataset.PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     extractor = extractor_lib.SuperPointExtractor(
-        {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=device)
+        {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=default_device())
     log.info("exporting %d pairs of %s with %s (%s) to %s", len(dataset), dataset.root,
              conf["model"]["name"], conf["model"]["pretrained"] or "random weights", predictions)
     adapt = _adaptation(conf, extractor)

@@ -33,20 +33,19 @@ import shutil
 from pathlib import Path
 from typing import Mapping
 
-import cv2
 import h5py
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import settings
-from datasets.Coco import check_resize, list_images
-from datasets.image_folder import IMAGE_SUFFIXES
-from datasets.Kitti_inh import resolve_path
 from models import extractor as extractor_lib
-from utils.config import ConfigError, dump_config, load_config, require
+from utils.config import dump_config, load_config, require
+from utils.distributed import default_device
 from utils.geometry import scale_homography, warp_points
-from utils.io import DataError, read_image, write_json
+from utils.images import (IMAGE_SUFFIXES, check_preprocessing, image_to_tensor, list_images, network_size,
+                          read_image, resolve_path)
+from utils.io import DataError, write_json
 
 log = logging.getLogger(__name__)
 
@@ -69,44 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="re-extract images already in features.h5")
 
 
-def check_preprocessing(preprocessing: Mapping, source: str = "data") -> dict:
-    """Validated `data.preprocessing`: at most one of resize ([H, W], multiples of 8) and max_edge (>= 8)."""
-    resize, max_edge = preprocessing.get("resize"), preprocessing.get("max_edge")
-    if resize is not None and max_edge is not None:
-        raise ConfigError(f"{source}: set one of 'preprocessing.resize' and 'preprocessing.max_edge', not both")
-    if resize is not None:
-        check_resize(resize, source)
-    if max_edge is not None and (not isinstance(max_edge, int) or max_edge < 8):
-        raise ConfigError(f"{source}: 'preprocessing.max_edge' is {max_edge!r}; expected an integer >= 8")
-    return {"resize": resize, "max_edge": max_edge}
-
-
-def network_size(height: int, width: int, preprocessing: Mapping) -> tuple[int, int]:
-    """(H, W) the image of size (height, width) is resized to before extraction (see the module doc)."""
-    if preprocessing.get("resize"):
-        return tuple(preprocessing["resize"])
-    max_edge = preprocessing.get("max_edge")
-    if max_edge and max(height, width) > max_edge:
-        scale = max_edge / max(height, width)
-        return max(8, int(height * scale) // 8 * 8), max(8, int(width * scale) // 8 * 8)
-    return height, width
-
-
-def load_image(path: str | Path, preprocessing: Mapping) -> tuple[torch.Tensor, tuple[float, float], tuple[int, int]]:
-    """Grey image for the extractor: ((1, 1, H, W) float32 in [0, 1], (sx, sy) resize factors, original
-    (height, width)). An unreadable file is a DataError naming it."""
-    image = read_image(path)
-    height, width = image.shape
-    size = network_size(height, width, preprocessing)
-    if size != (height, width):
-        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-    scale = (size[1] / width, size[0] / height)
-    return torch.from_numpy(image.astype(np.float32) / 255.0)[None, None], scale, (height, width)
-
-
 def extract_file(extractor: extractor_lib.SuperPointExtractor, path: str | Path, preprocessing: Mapping) -> dict:
     """Features of one image file in hloc's layout (see the module doc), keypoints in original pixels."""
-    image, scale, (height, width) = load_image(path, preprocessing)
+    grey = read_image(path)
+    height, width = grey.shape
+    size = network_size(height, width, preprocessing)
+    image = image_to_tensor(grey, size)[None]
+    scale = (size[1] / width, size[0] / height)
     pred = extractor.extract(image)
     keep = pred["mask"][0]
     to_original = torch.from_numpy(scale_homography(np.eye(3), scale, (1.0, 1.0))).to(pred["keypoints"].device)
@@ -119,17 +87,15 @@ def extract_file(extractor: extractor_lib.SuperPointExtractor, path: str | Path,
     }
 
 
-def load_features_config(args) -> dict:
-    conf = load_config(args.config, schema)
-    require(conf, "data.root", args.config)
-    if args.resize or args.max_edge:
-        conf["data"]["preprocessing"] = {"resize": list(args.resize) if args.resize else None,
-                                         "max_edge": args.max_edge}
-    conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], args.config)
-    if args.precision:
-        conf["model"]["precision"] = args.precision
-    conf["model"]["pretrained"] = args.weights or extractor_lib.weights_path(conf)
-    return conf
+def load_features_config(path: str | Path, weights=None, resize=None, max_edge=None, precision=None) -> dict:
+    """The config file with the command-line overrides (None: the config's value); `resize` or
+    `max_edge` replaces the whole data.preprocessing."""
+    conf = load_config(path, schema)
+    require(conf, "data.root", path)
+    if resize or max_edge:
+        conf["data"]["preprocessing"] = {"resize": list(resize) if resize else None, "max_edge": max_edge}
+    conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], path)
+    return extractor_lib.apply_overrides(conf, weights, precision=precision)
 
 
 def _is_complete(h5: h5py.File, name: str) -> bool:
@@ -189,13 +155,12 @@ def export_folder(extractor: extractor_lib.SuperPointExtractor, root: Path, outp
 
 
 def run(args) -> dict:
-    conf = load_features_config(args)
+    conf = load_features_config(args.config, args.weights, args.resize, args.max_edge, args.precision)
     root = resolve_path(conf["data"]["root"], "root", Path(settings.DATA_PATH), args.config)
     exper_dir = Path(settings.EXPER_PATH) / args.exper_name
     exper_dir.mkdir(parents=True, exist_ok=True)
     dump_config(exper_dir / "config.yml", conf)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    extractor = extractor_lib.SuperPointExtractor(conf["model"], device=device)
+    extractor = extractor_lib.SuperPointExtractor(conf["model"], device=default_device())
     output = exper_dir / "features.h5"
     log.info("exporting features of %s with %s (%s) to %s", root, conf["model"]["name"],
              conf["model"]["pretrained"] or "random weights", output)

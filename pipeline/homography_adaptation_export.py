@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 import zlib
 from pathlib import Path
@@ -31,9 +30,9 @@ from datasets import get_dataset_class
 from models import extractor as extractor_lib
 from utils import homography_adaptation as ha
 from utils.config import IGNORED, OPEN, ConfigError, combine, load_yaml, merge
+from utils.distributed import default_device, distributed_context, init_process_group
 from utils.draw import draw_keypoints
 from utils.io import DataError, save_image, save_npz, write_text
-from utils.keypoints import extract_keypoints
 
 log = logging.getLogger(__name__)
 
@@ -62,32 +61,21 @@ def config_schema(dataset_name: str) -> dict:
     }
 
 
-def load_export_config(args) -> dict:
-    raw = load_yaml(args.config)
+def load_adaptation_config(path: str | Path, weights=None, precision=None) -> dict:
+    """The export config merged over `config_schema` of its dataset, with the command-line `weights`
+    and `precision` (None: the config's); no weights at all is a ConfigError."""
+    raw = load_yaml(path)
     dataset_name = (raw.get("data") or {}).get("dataset")
     if dataset_name not in DATASETS:
-        raise ConfigError(f"{args.config}: 'data.dataset' is {dataset_name!r}; homography adaptation exports "
+        raise ConfigError(f"{path}: 'data.dataset' is {dataset_name!r}; homography adaptation exports "
                           f"one of {list(DATASETS)}")
-    conf = merge(config_schema(dataset_name), raw, source=str(args.config))
-    conf["model"]["pretrained"] = getattr(args, "weights", None) or extractor_lib.weights_path(conf)
+    conf = extractor_lib.apply_overrides(merge(config_schema(dataset_name), raw, source=str(path)), weights,
+                                         precision=precision)
     if not conf["model"]["pretrained"]:
-        raise ConfigError(f"{args.config}: no weights: set 'pretrained' (or 'model.pretrained') to a MagicPoint "
+        raise ConfigError(f"{path}: no weights: set 'pretrained' (or 'model.pretrained') to a MagicPoint "
                           f"checkpoint or MagicLeap's superpoint_v1.pth (with model.name SuperPointNet_pretrained)")
-    if getattr(args, "precision", None):
-        conf["model"]["precision"] = args.precision
-    ha.merged_conf(conf["data"]["homography_adaptation"], source=str(args.config))  # validate early
+    ha.merged_conf(conf["data"]["homography_adaptation"], source=str(path))  # validate early
     return conf
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) under torchrun, else (0, 1)."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def pick_device(rank: int) -> torch.device:
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
 
 
 def image_rng(seed: int, name: str) -> np.random.Generator:
@@ -111,10 +99,7 @@ def overlay(image: torch.Tensor, pts: np.ndarray) -> np.ndarray:
 def label_image(image: torch.Tensor, extractor, ha_conf: Mapping, rng: np.random.Generator) -> np.ndarray:
     """(1, H, W) image -> pts (N, 3) float32 [x, y, score], sorted by decreasing score."""
     heatmap = ha.adapt_heatmap(image[None].to(extractor.device), extractor.heatmap, ha_conf, rng)
-    m = extractor.conf
-    (points, scores), = extract_keypoints(heatmap, threshold=m["detection_threshold"], nms_radius=m["nms"],
-                                          border=m["remove_borders"], top_k=m["top_k"],
-                                          subpixel=m["subpixel"]["enable"], patch_size=m["subpixel"]["patch_size"])
+    (points, scores), = extractor_lib.keypoints_from_heatmap(heatmap, extractor.conf)
     return torch.cat([points, scores[:, None]], dim=1).cpu().numpy().astype(np.float32)
 
 
@@ -202,12 +187,10 @@ def summary_text(conf: Mapping, counts: Mapping, dataset, world_size: int) -> st
 
 
 def run(args) -> dict:
-    conf = load_export_config(args)
-    rank, world_size = shard()
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo")
+    conf = load_adaptation_config(args.config, args.weights, args.precision)
+    ctx = distributed_context()
+    rank, world_size = ctx.rank, ctx.world_size
+    init_process_group(ctx, "gloo")
     data = conf["data"]
     exper_dir = Path(settings.EXPER_PATH) / args.exper_name
     out_dir = exper_dir / "predictions" / data["export_folder"]
@@ -216,7 +199,7 @@ def run(args) -> dict:
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text(exper_dir / "config.yml", Path(args.config).read_text())  # the file as given, as the reference
-    device = pick_device(rank)
+    device = default_device(ctx)
     extractor = extractor_lib.SuperPointExtractor(
         {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=device)
     ha_conf = ha.merged_conf(data["homography_adaptation"])

@@ -29,12 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 import settings
 from datasets import builtin
-from pipeline.trainer import latest_checkpoint
+from utils.checkpoints import latest_checkpoint
 from utils.cli import exit_on_error, setup_logging
+from utils.config import dump_config, load_yaml
 from utils.evaluation import HEADLINE_HEADER, headline_cells
 from utils.io import write_json, write_text
 
@@ -52,14 +51,9 @@ BUDGETS = {
 VAL_IMAGES = 3  # training images also used to validate the joint training (monitoring only)
 
 
-def load_yaml(path: Path) -> dict:
-    with open(path) as f:
-        return yaml.safe_load(f)
-
-
 def write_config(out: Path, name: str, conf: dict) -> Path:
     path = out / "configs" / f"{name}.yaml"
-    write_text(path, yaml.safe_dump(conf, sort_keys=False))
+    dump_config(path, conf)
     return path
 
 

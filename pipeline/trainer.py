@@ -1,16 +1,22 @@
-"""The trainer behind `train4.py train_base` and `train4.py train_joint` (reference-spec 5.1-5.2, with
-the fixes of section 0 rows 1, 2, 9 and 12).
+"""The trainer behind `train4.py train_base` and `train4.py train_joint`: the training loop and its
+orchestration. Metrics live in utils.metrics, processes and devices in utils.distributed, the network
+call in utils.backends, checkpoint names and discovery in utils.checkpoints.
+
+The reference trained the same way (image and warped pair, detector loss on both, the descriptor loss
+weighted by `lambda_loss`, Adam, checkpoints `superPointNet_<n>_checkpoint.pth.tar`), but could not
+resume a run exactly, kept going through NaN losses, ran one process only and computed precision/recall
+from per-pixel label overlaps; this trainer fixes those.
 
 One step: the image and its warped pair (when the samples have one) go through the network as one
 batch (so BatchNorm sees both, and DDP sees one forward pass), at the configured precision; the losses
 are computed in fp32 from the raw outputs: `loss = loss_det + loss_det_warp + lambda_loss * loss_desc`
-(the descriptor term comes from `utils.losses.get_descriptor_loss`; MagicPoint has none). Adam,
-constant learning rate.
+(the descriptor term comes from `utils.losses.get_descriptor_loss`; MagicPoint has none). Adam, with
+a step learning-rate schedule (`training.lr_milestones`, `training.lr_decay`; none: constant).
 
 Iterations. `n_iter` counts the batches consumed; training stops after exactly `train_iter` of them.
 A batch whose loss is NaN or inf is skipped (no optimizer step, BatchNorm statistics restored) and
 counted; `training.nan_patience` consecutive skips save a checkpoint and stop the run.
-Checkpoint `superPointNet_<n>_checkpoint.pth.tar` holds the state after n iterations. It is written
+The checkpoint of iteration n holds the state after n iterations. It is written
 at every multiple of `save_interval`, at the end, on Ctrl-C or SIGTERM, and when the run stops on NaNs.
 Resuming from it (`retrain: false`, `pretrained: <checkpoint>`, `reset_iter: false`, or the same
 command with `--resume`, e.g. after a `kill -9`) restores the model, the optimizer and n, and goes on
@@ -20,18 +26,11 @@ dataset with a `set_epoch(epoch)` method is told the epoch (whether its augmenta
 exactly is up to its seeding; SyntheticDataset_gaussian's do).
 
 Validation (with --eval) every `validation_interval` iterations and at the end, in eval mode, over the
-first `validation_size` batches of the validation set (the same batches every time). Detection
-metrics (`DetectionMetrics`): predictions are the NMS'd heatmap maxima (radius 4, score >= 0.015,
-4-pixel border removed, as the extractor); labels are the `labels_2D` pixels outside that border (and
-inside the valid mask). Matching is greedy one-to-one by decreasing score: a prediction is correct when
-a label not taken by a higher-scoring prediction lies within 3 px. precision = correct / predictions,
-recall = correct / labels, over the whole validation. mAP ranks every NMS'd maximum with score >= 0.001
-and is the area under that precision-recall curve with recall relative to all labels. With warped
-pairs, a descriptor metric (`MatchingMetrics`): the `EVAL_MATCH_TOP_K` best predictions of the image
-and of the warped image, their descriptors, mutual nearest neighbours; `match_precision` is the share
-of those matches whose image point, moved by the pair's homography, lies within 3 px of its match, and
-`matches` the mean number of matches per pair. The descriptor loss's random sampling is seeded with
-`seed` at every validation (the same draws each time) and leaves the training random state untouched.
+first `validation_size` batches of the validation set (the same batches every time): the losses,
+`utils.metrics.DetectionMetrics` (precision, recall, mAP against `labels_2D`) and, with warped pairs,
+`utils.metrics.MatchingMetrics` (match_precision, matches). The descriptor loss's random sampling is
+seeded with `seed` at every validation (the same draws each time) and leaves the training random state
+untouched.
 
 Several processes (torchrun): DistributedDataParallel (NCCL on GPUs, gloo on CPU); each rank trains on
 its share of every epoch with `model.batch_size / WORLD_SIZE` samples per step, so the global batch is
@@ -44,12 +43,11 @@ runs/<task>/<exper>_<date>.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterator, Mapping, Optional
@@ -57,9 +55,8 @@ from typing import Iterator, Mapping, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from tensorboardX import SummaryWriter
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import settings
@@ -67,26 +64,21 @@ from datasets import get_dataset_class
 from datasets.data_tools import labels_to_cell_targets, valid_mask_to_cells
 from models import extractor, get_model
 from utils import precision as precision_lib
-from utils.checkpoints import checkpoint_name, load_weights_into, save_checkpoint
+from utils.backends import TorchBackend
+from utils.checkpoints import checkpoint_name, latest_checkpoint, load_weights_into, save_checkpoint
 from utils.cli import tensorboard_dir
-from utils.config import IGNORED, OPEN, ConfigError, check_choice, combine, load_config
-from utils.draw import GREEN, RED, draw_keypoints
-from utils.io import append_jsonl, write_text
-from utils.geometry import warp_points
-from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
+from utils.config import (IGNORED, OPEN, ConfigError, check_choice, check_int, check_list, check_number,
+                          check_positive, combine, dump_config, load_config, require)
+from utils.distributed import (ResumableSampler, default_device, derived_seed,
+                               distributed_context, init_process_group)
+from utils.draw import overlay_images
+from utils.io import append_jsonl
+from utils.keypoints import logits_to_heatmap
 from utils.losses import DETECTOR_LOSSES, detector_loss, get_descriptor_loss
-from utils.matching import mutual_nearest_neighbours
-from utils.metrics import average_precision
+from utils.metrics import DetectionMetrics, MatchingMetrics
 
 log = logging.getLogger(__name__)
 
-# Validation / tensorboard detection settings (reference: hard-coded NMS 4 and threshold 0.015).
-EVAL_NMS_RADIUS = 4
-EVAL_THRESHOLD = 0.015
-EVAL_BORDER = 4
-EVAL_MATCH_DISTANCE = 3.0
-EVAL_MAP_MIN_SCORE = 0.001
-EVAL_MATCH_TOP_K = 300  # keypoints per image for the descriptor metric
 TENSORBOARD_MAX_IMAGES = 2
 
 # Every top-level and model key of the reference's training configs (reference-spec 2.1, 2.6, 2.7).
@@ -135,293 +127,131 @@ class TrainingDiverged(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------
-# Detection metrics
-# --------------------------------------------------------------------------------------------------
-
-def match_detections(pred: np.ndarray, gt: np.ndarray, max_distance: float) -> np.ndarray:
-    """Greedy one-to-one matching. pred: (N, 2) x, y sorted by decreasing score; gt: (M, 2) x, y.
-
-    Returns (N,) bool: prediction i is correct when the nearest label not taken by a higher-scoring
-    prediction lies within `max_distance` (Euclidean, pixels); that label is then taken.
-    """
-    correct = np.zeros(len(pred), dtype=bool)
-    if len(pred) == 0 or len(gt) == 0:
-        return correct
-    dist = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=-1)
-    taken = np.zeros(len(gt), dtype=bool)
-    for i in np.flatnonzero((dist <= max_distance).any(axis=1)):
-        d = np.where(taken, np.inf, dist[i])
-        j = int(np.argmin(d))
-        if d[j] <= max_distance:
-            correct[i] = taken[j] = True
-    return correct
-
-
-class DetectionMetrics:
-    """Accumulates precision, recall and mAP of keypoint detections against label maps (the matching
-    rule is in the module docstring)."""
-
-    def __init__(self, threshold: float = EVAL_THRESHOLD, nms_radius: int = EVAL_NMS_RADIUS,
-                 border: int = EVAL_BORDER, max_distance: float = EVAL_MATCH_DISTANCE,
-                 map_min_score: float = EVAL_MAP_MIN_SCORE):
-        self.threshold, self.nms_radius, self.border = threshold, nms_radius, border
-        self.max_distance, self.map_min_score = max_distance, min(map_min_score, threshold)
-        self.scores: list = []
-        self.correct: list = []
-        self.n_labels = 0
-
-    def update(self, heatmap: torch.Tensor, labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> list:
-        """heatmap: (B, H, W) probabilities; labels: (B, 1, H, W) binary; valid: (B, 1, H, W) 0/1 or None.
-
-        Returns the B predicted keypoint arrays (N, 2) at the precision/recall threshold.
-        """
-        heatmap = heatmap.detach().float()
-        labels = labels.detach().to(heatmap.device)[:, 0] > 0.5
-        if valid is not None:
-            inside = valid.detach().to(heatmap.device)[:, 0] > 0.5
-            heatmap, labels = heatmap * inside, labels & inside
-        h, w = labels.shape[-2:]
-        labels[:, :self.border], labels[:, h - self.border:] = False, False
-        labels[:, :, :self.border], labels[:, :, w - self.border:] = False, False
-        # Greedy NMS visits higher scores first, so the maxima >= threshold are the same at any lower
-        # threshold: one NMS serves both precision/recall and the mAP ranking.
-        detections = extract_keypoints(heatmap, self.map_min_score, self.nms_radius, border=self.border)
-        kept = []
-        for (points, scores), lab in zip(detections, labels):
-            gt = torch.nonzero(lab).flip(-1).float().cpu().numpy()  # (M, 2) x, y
-            points, scores = points.cpu().numpy(), scores.cpu().numpy()
-            self.correct.append(match_detections(points, gt, self.max_distance))
-            self.scores.append(scores)
-            self.n_labels += len(gt)
-            kept.append(points[scores >= self.threshold])
-        return kept
-
-    def compute(self) -> dict:
-        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
-        correct = np.concatenate(self.correct) if self.correct else np.zeros(0, dtype=bool)
-        at_threshold = scores >= self.threshold
-        n_correct = int(correct[at_threshold].sum())
-        n_pred = int(at_threshold.sum())
-        # average_precision normalises recall by the positives in the ranking; rescale to all labels.
-        ap = average_precision(correct, scores) * correct.sum() / self.n_labels if self.n_labels else 0.0
-        return {
-            "precision": n_correct / n_pred if n_pred else 0.0,
-            "recall": n_correct / self.n_labels if self.n_labels else 0.0,
-            "mAP": float(ap),
-        }
-
-
-class MatchingMetrics:
-    """Accumulates the descriptor metric of validation pairs (see the module docstring)."""
-
-    def __init__(self, threshold: float = EVAL_THRESHOLD, nms_radius: int = EVAL_NMS_RADIUS, border: int = EVAL_BORDER,
-                 top_k: int = EVAL_MATCH_TOP_K, max_distance: float = EVAL_MATCH_DISTANCE):
-        self.threshold, self.nms_radius, self.border = threshold, nms_radius, border
-        self.top_k, self.max_distance = top_k, max_distance
-        self.correct = self.matches = self.pairs = 0
-
-    def update(self, heatmap: torch.Tensor, desc: torch.Tensor, warped_heatmap: torch.Tensor,
-               warped_desc: torch.Tensor, homographies: torch.Tensor) -> None:
-        """heatmaps: (B, H, W); desc: (B, D, H/8, W/8); homographies: (B, 3, 3) pixel, image -> warped."""
-        found = [extract_keypoints(h.detach().float(), self.threshold, self.nms_radius, self.border, self.top_k)
-                 for h in (heatmap, warped_heatmap)]
-        for b, ((p1, _), (p2, _)) in enumerate(zip(*found)):
-            self.pairs += 1
-            if len(p1) == 0 or len(p2) == 0:
-                continue
-            d1 = sample_descriptors(desc[b:b + 1].detach(), p1[None])[0]
-            d2 = sample_descriptors(warped_desc[b:b + 1].detach(), p2[None])[0]
-            i1, i2, _ = mutual_nearest_neighbours(d1, d2)
-            moved = warp_points(p1[i1].double(), homographies[b].to(p1.device, torch.float64))
-            self.correct += int(((moved - p2[i2].double()).norm(dim=-1) <= self.max_distance).sum())
-            self.matches += len(i1)
-
-    def compute(self) -> dict:
-        return {"match_precision": self.correct / self.matches if self.matches else 0.0,
-                "matches": self.matches / self.pairs if self.pairs else 0.0}
-
-
-def overlay_images(images: torch.Tensor, labels: torch.Tensor, predictions: list) -> np.ndarray:
-    """(N, H, W, 3) uint8 RGB: the image with labels in red and predictions in green.
-
-    images: (N, 1, H, W) in [0, 1]; labels: (N, 1, H, W) binary; predictions: N arrays (K, 2) x, y.
-    """
-    out = []
-    for image, lab, pred in zip(images, labels, predictions):
-        gt = torch.nonzero(lab[0] > 0.5).flip(-1).cpu().numpy()
-        canvas = draw_keypoints(image[0].detach().float().cpu().numpy(), gt, RED, radius=1)
-        canvas = draw_keypoints(canvas, pred, GREEN, radius=1)
-        out.append(canvas[..., ::-1])  # BGR -> RGB
-    return np.stack(out)
-
-
-# --------------------------------------------------------------------------------------------------
-# Processes, sampling, seeding
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def distributed_context() -> DistributedContext:
-    """RANK / WORLD_SIZE / LOCAL_RANK as set by torchrun; a single process without them."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return DistributedContext()
-    return DistributedContext(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                              int(os.environ.get("LOCAL_RANK", 0)))
-
-
-def default_device(ctx: DistributedContext) -> torch.device:
-    return torch.device("cuda", ctx.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def derived_seed(*parts: int) -> int:
-    """A 32-bit seed from several integers (seed, epoch, rank...), well mixed."""
-    return int(np.random.SeedSequence([int(p) % 2 ** 63 for p in parts]).generate_state(1)[0])
-
-
-class ResumableSampler(Sampler):
-    """This rank's share of epoch e (`DistributedSampler` order for `seed` and e), from position `start`
-    of the share on: `set_position(epoch, start)` resumes in the middle of an epoch."""
-
-    def __init__(self, dataset, ctx: DistributedContext, shuffle: bool, seed: int):
-        self.base = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=shuffle,
-                                       seed=seed, drop_last=True)
-        self.start = 0
-
-    def set_position(self, epoch: int, start: int) -> None:
-        self.base.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self) -> Iterator[int]:
-        return islice(iter(self.base), self.start, None)
-
-    def __len__(self) -> int:
-        return len(self.base) - self.start
-
-
-# --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
+
+def check_training_conf(conf: Mapping, source: str = "config") -> dict:
+    """`conf` (merged over `default_conf`) with its values checked, numeric strings turned into numbers
+    (utils.config checks); a bad value is a ConfigError naming the file and the key."""
+    model, training = dict(conf["model"]), dict(conf["training"])
+    top = {key: check_int(conf[key], key, source, minimum=0 if key == "train_iter" else 1)
+           for key in ("train_iter", "save_interval", "validation_interval", "tensorboard_interval",
+                       "validation_size")}
+    check_choice(model["detector_loss"]["loss_type"], DETECTOR_LOSSES, "model.detector_loss.loss_type", source)
+    for key in ("batch_size", "eval_batch_size"):
+        model[key] = check_int(model[key], f"model.{key}", source, minimum=1, example=16)
+    model["learning_rate"] = check_positive(model["learning_rate"], "model.learning_rate", source, example=0.001)
+    for key in ("workers_train", "workers_val"):
+        training[key] = check_int(training[key], f"training.{key}", source, minimum=0)
+    check_choice(training["precision"], precision_lib.PRECISIONS, "training.precision", source)
+    check_choice(training["channels_last"], (True, False, "auto"), "training.channels_last", source)
+    training["nan_patience"] = check_int(training["nan_patience"], "training.nan_patience", source, minimum=1)
+    training["lr_milestones"] = check_list(training["lr_milestones"], "training.lr_milestones", source,
+                                           item=partial(check_int, minimum=1), example="[20000]")
+    training["lr_decay"] = check_number(training["lr_decay"], "training.lr_decay", source, 0, 1, open_low=True,
+                                        example=0.1)
+    require(conf, "data.dataset", source)
+    return {**conf, **top, "model": model, "training": training}
+
 
 class Trainer:
     """Training of one configuration (see the module docstring).
 
-    conf: a config merged over `default_conf`. exper_dir: EXPER_PATH/<exper>. runs_dir: the
-    tensorboard folder (None: no tensorboard). validate: the --eval flag. device: default cuda (the
-    local rank's GPU) if available, else cpu. datasets: optional (train, val) datasets instead of
-    building them from `data.dataset`.
+    conf: a config merged over `default_conf`; its values are checked here (`check_training_conf`).
+    exper_dir: EXPER_PATH/<exper>. runs_dir: the tensorboard folder (None: no tensorboard). validate:
+    the --eval flag. device: default `utils.distributed.default_device`. datasets: optional (train, val)
+    datasets instead of building them from `data.dataset`.
+
+    `net` is the network (what checkpoints hold and validation runs); `model` is what the training
+    step calls: `net` itself in one process, its DistributedDataParallel wrapper under torchrun.
     """
 
     def __init__(self, conf: Mapping, exper_dir: str | Path, runs_dir: str | Path | None = None,
                  validate: bool = False, device: torch.device | str | None = None, datasets=None,
                  source: str = "config"):
-        self.conf, self.source = conf, source
+        self.conf, self.source = check_training_conf(conf, source), source
         self.ctx = distributed_context()
         self.exper_dir = Path(exper_dir)
         self.checkpoint_dir = self.exper_dir / "checkpoints"
         self.validate_enabled = validate
-        mconf, tconf = conf["model"], conf["training"]
-        self._check_conf()
-        if self.ctx.enabled and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend)
-        self.device = torch.device(device) if device is not None else default_device(self.ctx)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        init_process_group(self.ctx)
+        self.device = self._select_device(device)
+        self.seed = self._seed()
+        self._build_network()
+        self.n_iter = self._restore()
+        self.model = self._wrap_for_processes()
+        self._build_data(datasets)
+        self.writer = SummaryWriter(str(runs_dir)) if runs_dir is not None and self.ctx.is_main else None
+        self.last_loss: Optional[torch.Tensor] = None
 
-        self.seed = conf["seed"] if conf["seed"] is not None else int(time.time()) % 2 ** 31
-        self._seed_everything(derived_seed(self.seed, -1, self.ctx.rank))
+    # ---------------------------------------------------------------- set-up
+    def _select_device(self, device) -> torch.device:
+        device = torch.device(device) if device is not None else default_device(self.ctx)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return device
 
-        # Precision and memory layout (utils.precision).
-        self.precision = check_choice(tconf["precision"], precision_lib.PRECISIONS, "training.precision", source)
+    def _seed(self) -> int:
+        """The run's seed (`seed`, or one from the clock when null); seeds this process's generators."""
+        seed = self.conf["seed"] if self.conf["seed"] is not None else int(time.time()) % 2 ** 31
+        self._seed_everything(derived_seed(seed, -1, self.ctx.rank))
+        return seed
+
+    def _build_network(self) -> None:
+        """The network at the configured precision and layout, its optimizer, scaler and losses."""
+        mconf, tconf = self.conf["model"], self.conf["training"]
+        net = get_model(mconf["name"], mconf["params"])
         try:
-            self.concrete_precision = precision_lib.resolve(self.precision, self.device)
+            self.backend = TorchBackend(net, self.device, tconf["precision"], tconf["channels_last"])
         except ValueError as e:
-            raise ConfigError(f"{source}: training.precision: {e}") from e
-        cl = tconf["channels_last"]
-        check_choice(cl, (True, False, "auto"), "training.channels_last", source)
-        self.channels_last = precision_lib.use_channels_last(self.precision, self.device) if cl == "auto" else cl
-
-        # Network, optimizer, losses.
-        self.net = get_model(mconf["name"], mconf["params"]).to(self.device)
-        if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            raise ConfigError(f"{self.source}: training.precision: {e}") from e
+        self.net = self.backend.net
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=mconf["learning_rate"])
-        self.scaler = precision_lib.grad_scaler(self.precision, self.device)
+        self.scaler = precision_lib.grad_scaler(tconf["precision"], self.device)
         self.loss_type = mconf["detector_loss"]["loss_type"]
         self.descriptor_loss = get_descriptor_loss(mconf)
         self.lambda_loss = float(mconf["lambda_loss"] or 0)
         self.nan_skipped = 0
-        self.n_iter = self._restore()
-        self.model = self.net
-        if self.ctx.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # Without a descriptor loss the descriptor head gets no gradient.
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.net, device_ids=ids, find_unused_parameters=self.descriptor_loss is None)
 
-        # Data.
+    @property
+    def concrete_precision(self) -> str:
+        return self.backend.concrete_precision
+
+    @property
+    def channels_last(self) -> bool:
+        return self.backend.channels_last
+
+    def _wrap_for_processes(self) -> torch.nn.Module:
+        """`net`, or its DistributedDataParallel wrapper under torchrun."""
+        if not self.ctx.enabled:
+            return self.net
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Without a descriptor loss the descriptor head gets no gradient.
+        return torch.nn.parallel.DistributedDataParallel(
+            self.net, device_ids=ids, find_unused_parameters=self.descriptor_loss is None)
+
+    def _build_data(self, datasets) -> None:
+        """Datasets, the resumable training sampler and the loaders."""
+        mconf, tconf = self.conf["model"], self.conf["training"]
         self.per_rank_batch = self._per_rank_batch(mconf["batch_size"])
         self.train_set, self.val_set = datasets if datasets is not None else self._build_datasets()
-        data_conf = getattr(self.train_set, "conf", conf["data"]) or {}
+        data_conf = getattr(self.train_set, "conf", self.conf["data"]) or {}
         self.gaussian = bool((data_conf.get("gaussian_label") or {}).get("enable"))
         self.train_sampler = ResumableSampler(self.train_set, self.ctx, shuffle=True, seed=self.seed)
         self.steps_per_epoch = len(self.train_sampler) // self.per_rank_batch
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{source}: the training set has {len(self.train_set)} samples, fewer than one "
-                              f"batch of model.batch_size {mconf['batch_size']}")
+            raise ConfigError(f"{self.source}: the training set has {len(self.train_set)} samples, fewer than "
+                              f"one batch of model.batch_size {mconf['batch_size']}")
         self.loader_generator = torch.Generator()
         pin = self.device.type == "cuda"
         self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.train_sampler,
                                        num_workers=tconf["workers_train"], drop_last=True, pin_memory=pin,
                                        generator=self.loader_generator)
         self.val_loader = None
-        if validate and self.ctx.is_main:
+        if self.validate_enabled and self.ctx.is_main:
             workers = tconf["workers_val"]
             self.val_loader = DataLoader(self.val_set, batch_size=mconf["eval_batch_size"], shuffle=False,
                                          num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
-
-        self.writer = None
-        if runs_dir is not None and self.ctx.is_main:
-            self.writer = SummaryWriter(str(runs_dir))
-        self.last_loss: Optional[torch.Tensor] = None
-
-    # ---------------------------------------------------------------- set-up
-    def _check_conf(self) -> None:
-        c, s = self.conf, self.source
-        check_choice(c["model"]["detector_loss"]["loss_type"], DETECTOR_LOSSES, "model.detector_loss.loss_type", s)
-        for key in ("train_iter", "save_interval", "validation_interval", "tensorboard_interval",
-                    "validation_size"):
-            if not isinstance(c[key], int) or c[key] < (0 if key == "train_iter" else 1):
-                raise ConfigError(f"{s}: '{key}' is {c[key]!r}; expected a positive integer")
-        for key in ("batch_size", "eval_batch_size"):
-            if not isinstance(c["model"][key], int) or c["model"][key] < 1:
-                raise ConfigError(f"{s}: 'model.{key}' is {c['model'][key]!r}; expected a positive integer")
-        patience = c["training"]["nan_patience"]
-        if not isinstance(patience, int) or patience < 1:
-            raise ConfigError(f"{s}: 'training.nan_patience' is {patience!r}; expected a positive integer")
-        if not isinstance(c["model"]["learning_rate"], (int, float)) or not c["model"]["learning_rate"] > 0:
-            raise ConfigError(f"{s}: 'model.learning_rate' is {c['model']['learning_rate']!r}; expected > 0")
-        if not (c["data"] or {}).get("dataset"):
-            raise ConfigError(f"{s}: required key 'data.dataset' is missing or empty")
-        milestones, decay = c["training"]["lr_milestones"], c["training"]["lr_decay"]
-        if not isinstance(milestones, list) or not all(isinstance(m, int) and m > 0 for m in milestones):
-            raise ConfigError(f"{s}: 'training.lr_milestones' is {milestones!r}; expected a list of positive "
-                              f"iterations, e.g. [20000]")
-        if not isinstance(decay, (int, float)) or not 0 < decay <= 1:
-            raise ConfigError(f"{s}: 'training.lr_decay' is {decay!r}; expected a number in (0, 1], e.g. 0.1")
 
     def _per_rank_batch(self, batch_size: int) -> int:
         if batch_size % self.ctx.world_size:
@@ -475,13 +305,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def forward(self, images: torch.Tensor, model=None) -> dict:
-        """The network on (B, 1, H, W) images at the configured precision; outputs in fp32."""
-        x = images.to(self.device, non_blocking=True)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with precision_lib.autocast(self.precision, self.device):
-            out = (model or self.model)(x)
-        return {key: value.float() for key, value in out.items()}
+        """`model` (default: the training module) on (B, 1, H, W) images at the configured precision
+        (utils.backends); outputs in fp32."""
+        return self.backend(images, model or self.model)
 
     def _labels(self, batch: Mapping, warped: bool) -> torch.Tensor:
         key = ("warped_labels" if warped else "labels_2D") + ("_gaussian" if self.gaussian else "")
@@ -750,16 +576,6 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def latest_checkpoint(checkpoint_dir: Path) -> Optional[Path]:
-    """The checkpoint with the highest iteration in a folder, or None."""
-    best = None
-    for path in Path(checkpoint_dir).glob("superPointNet_*_checkpoint.pth.tar"):
-        number = path.name[len("superPointNet_"):-len("_checkpoint.pth.tar")]
-        if number.isdigit() and (best is None or int(number) > best[0]):
-            best = (int(number), path)
-    return best[1] if best else None
-
-
 def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints "
@@ -790,8 +606,8 @@ def train(conf: dict, exper_name: str, task: str, validate: bool = False, resume
     trainer = Trainer(conf, exper_dir, runs_dir=runs_dir, validate=validate, source=source)
     try:
         if ctx.is_main:
-            merged = {**conf, "data": getattr(trainer.train_set, "conf", conf["data"])}
-            write_text(exper_dir / "config.yml", yaml.safe_dump(_plain(merged), sort_keys=False))
+            merged = {**trainer.conf, "data": getattr(trainer.train_set, "conf", conf["data"])}
+            dump_config(exper_dir / "config.yml", merged)
             log.info("experiment folder %s; tensorboard %s", exper_dir, runs_dir)
         return trainer.run()
     finally:
@@ -799,11 +615,3 @@ def train(conf: dict, exper_name: str, task: str, validate: bool = False, resume
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
-
-def _plain(obj):
-    """A YAML-safe copy (tuples -> lists)."""
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

@@ -20,7 +20,8 @@ from models.extractor import SuperPointExtractor, network_for_weights, to_grey
 from pipeline import export_features
 from utils.checkpoints import save_checkpoint
 from utils.config import ConfigError
-from utils.io import DataError, read_image
+from utils.images import check_preprocessing, network_size, read_image
+from utils.io import DataError
 
 FREIBURG = "natural/freiburg_sequence"
 FRAMES = ("1341847980.722988.png", "1341847981.726650.png")
@@ -97,17 +98,17 @@ def test_from_weights_picks_the_network_of_the_file(magicleap_weights, tmp_path)
 
 
 def test_network_size_and_preprocessing_checks():
-    assert export_features.network_size(480, 640, {"resize": [240, 320]}) == (240, 320)
+    assert network_size(480, 640, {"resize": [240, 320]}) == (240, 320)
     # 500 / 640 of 480 x 640 is 375 x 500, each side rounded down to a multiple of 8.
-    assert export_features.network_size(480, 640, {"max_edge": 500}) == (368, 496)
-    assert export_features.network_size(480, 640, {"max_edge": 1024}) == (480, 640)  # never enlarged
-    assert export_features.network_size(61, 83, {}) == (61, 83)  # full size, cropped by extract
+    assert network_size(480, 640, {"max_edge": 500}) == (368, 496)
+    assert network_size(480, 640, {"max_edge": 1024}) == (480, 640)  # never enlarged
+    assert network_size(61, 83, {}) == (61, 83)  # full size, cropped by extract
     with pytest.raises(ConfigError, match="not both"):
-        export_features.check_preprocessing({"resize": [240, 320], "max_edge": 320})
+        check_preprocessing({"resize": [240, 320], "max_edge": 320})
     with pytest.raises(ConfigError, match="multiples of 8"):
-        export_features.check_preprocessing({"resize": [241, 320]})
+        check_preprocessing({"resize": [241, 320]})
     with pytest.raises(ConfigError, match="max_edge"):
-        export_features.check_preprocessing({"max_edge": 4})
+        check_preprocessing({"max_edge": 4})
 
 
 @pytest.fixture

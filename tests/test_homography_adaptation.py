@@ -274,8 +274,7 @@ def test_image_folder_names_mirror_the_tree(tmp_path):
 def test_shipped_export_configs_fit_the_schema():
     for name in ("magicpoint_coco_export.yaml", "magicpoint_kitti_export.yaml"):
         raw = load_yaml(REPO / "configs" / name)
-        args = argparse.Namespace(config=str(REPO / "configs" / name), weights=None, precision=None)
-        conf = export.load_export_config(args)
+        conf = export.load_adaptation_config(str(REPO / "configs" / name))
         assert conf["data"]["homography_adaptation"]["num"] == raw["data"]["homography_adaptation"]["num"]
         assert conf["model"]["pretrained"] == raw["pretrained"]
 

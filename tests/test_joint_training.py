@@ -20,6 +20,7 @@ from utils.config import load_config, merge
 from utils.geometry import inside_image, valid_mask, warp_image, warp_points
 from utils.io import DataError, save_npz
 from utils.losses import get_descriptor_loss
+from utils.metrics import MatchingMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 H, W = 48, 64
@@ -281,10 +282,10 @@ def test_matching_metric_by_hand():
     for x, y in ((11, 11), (19, 19)):
         heatmap[0, y, x] = 0.5
         warped_heatmap[0, y, x + 8] = 0.5
-    right = trainer_lib.MatchingMetrics()
+    right = MatchingMetrics()
     right.update(heatmap, desc, warped_heatmap, warped, translation_matrix(8.0))
     assert right.compute() == {"match_precision": 1.0, "matches": 2.0}
-    wrong = trainer_lib.MatchingMetrics()  # a homography 8 px off: both matches are wrong
+    wrong = MatchingMetrics()  # a homography 8 px off: both matches are wrong
     wrong.update(heatmap, desc, warped_heatmap, warped, translation_matrix(0.0))
     assert wrong.compute() == {"match_precision": 0.0, "matches": 2.0}
 

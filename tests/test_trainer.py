@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 import datasets
 from pipeline import trainer as trainer_lib
+from utils import distributed
+from utils import metrics as metrics_lib
 from utils.checkpoints import load_checkpoint
 from utils.config import ConfigError, merge
 
@@ -248,7 +250,7 @@ def test_match_detections_is_greedy_one_to_one():
 
 
 def match_list(pred, gt):
-    return trainer_lib.match_detections(pred, gt, 3.0).tolist()
+    return metrics_lib.match_detections(pred, gt, 3.0).tolist()
 
 
 def test_detection_metrics_by_hand():
@@ -261,7 +263,7 @@ def test_detection_metrics_by_hand():
     heatmap[0, 40, 50] = 0.02  # correct
     heatmap[0, 50, 60] = 0.01  # below the 0.015 threshold: only in the mAP ranking (wrong)
     heatmap[0, 10, 13] = 0.8  # within the NMS radius of the 0.9 peak: suppressed
-    metrics = trainer_lib.DetectionMetrics()
+    metrics = metrics_lib.DetectionMetrics()
     (kept,) = metrics.update(heatmap, labels)
     assert sorted(map(tuple, kept.tolist())) == [(11, 10), (30, 24), (50, 40)]
     result = metrics.compute()
@@ -346,7 +348,7 @@ def ddp_worker(rank: int, world: int, port: int, root: str):
     register_tiny_dataset()
     summary = trainer_lib.train(make_conf(**DDP_OVERRIDES), "ddp", "train_base", exper_root=Path(root) / "logs",
                                 runs_root=Path(root) / "runs")
-    sampler = trainer_lib.ResumableSampler(TinySquares({"length": 12}), trainer_lib.DistributedContext(rank, world),
+    sampler = distributed.ResumableSampler(TinySquares({"length": 12}), distributed.DistributedContext(rank, world),
                                            shuffle=True, seed=0)
     sampler.set_position(0, 0)
     report = {"indices": list(sampler), "checkpoint": summary["checkpoint"] and str(summary["checkpoint"]),

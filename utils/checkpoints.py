@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import pickle
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -18,8 +18,21 @@ from utils.io import DataError, atomic_path
 log = logging.getLogger(__name__)
 
 
+CHECKPOINT_PREFIX, CHECKPOINT_SUFFIX = "superPointNet_", "_checkpoint.pth.tar"
+
+
 def checkpoint_name(n_iter: int) -> str:
-    return f"superPointNet_{n_iter}_checkpoint.pth.tar"
+    return f"{CHECKPOINT_PREFIX}{n_iter}{CHECKPOINT_SUFFIX}"
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
+    """The checkpoint with the highest iteration in a folder (names as `checkpoint_name`), or None."""
+    best = None
+    for path in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}"):
+        number = path.name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
+        if number.isdigit() and (best is None or int(number) > best[0]):
+            best = (int(number), path)
+    return best[1] if best else None
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:

@@ -1,4 +1,4 @@
-"""Configuration files: loading, merging with defaults, validation.
+"""Configuration files: loading, merging with defaults, checking values.
 
 Every component keeps its defaults next to its code as a plain nested dict (`default_conf`). A task
 combines the defaults of the components it uses into one schema, and `merge` checks the user's YAML
@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import yaml
 
@@ -121,11 +121,89 @@ def require(conf: Mapping, dotted_key: str, source: str = "config") -> Any:
     return node
 
 
+# --------------------------------------------------------------------------------------------------
+# Value checks. Each takes the value, its dotted key and the config file (`source`), and returns the
+# value in its checked type, or raises a one-line ConfigError:
+#     "<file>: 'training.lr_decay' is 2; expected a number in (0, 1], e.g. 0.1"
+# Use the returned value: `check_number` turns numeric strings into floats, because YAML 1.1 (PyYAML)
+# reads `1e-3` (no dot) as the string '1e-3'. Booleans are never numbers.
+#
+#     check_int(v, "train_iter", src, minimum=0)                  int >= 0
+#     check_positive(v, "model.learning_rate", src)               float > 0
+#     check_number(v, "training.lr_decay", src, 0, 1, open_low=True)   float in (0, 1]
+#     check_choice(v, ("fp32", "bf16"), "training.precision", src)
+#     check_list(v, "training.lr_milestones", src, item=partial(check_int, minimum=1), example="[20000]")
+# --------------------------------------------------------------------------------------------------
+
+def _fail(value: Any, key: str, source: str, expected: str, example: Any = None) -> ConfigError:
+    hint = f", e.g. {example}" if example is not None else ""
+    return ConfigError(f"{source}: '{key}' is {value!r}; expected {expected}{hint}")
+
+
+def check_int(value: Any, key: str, source: str = "config", minimum: int | None = None,
+              example: Any = None) -> int:
+    """An integer (>= `minimum` when given); an integer-valued string such as '2000' is accepted."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, int) or (minimum is not None and number < minimum):
+        what = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        raise _fail(value, key, source, what, example if example is not None else max(minimum or 0, 1))
+    return number
+
+
+def check_number(value: Any, key: str, source: str = "config", low: float | None = None, high: float | None = None,
+                 open_low: bool = False, open_high: bool = False, example: Any = None) -> float:
+    """A number as float, within [low, high] (open ends with open_low / open_high; None: unbounded).
+    Numeric strings ('1e-3') are accepted."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    ok = isinstance(number, (int, float)) and not isinstance(number, bool) and number == number
+    if ok and low is not None:
+        ok = number > low if open_low else number >= low
+    if ok and high is not None:
+        ok = number < high if open_high else number <= high
+    if not ok:
+        if low is not None and high is not None:
+            what = f"a number in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+        elif low is not None:
+            what = f"a number {'>' if open_low else '>='} {low}"
+        elif high is not None:
+            what = f"a number {'<' if open_high else '<='} {high}"
+        else:
+            what = "a number"
+        raise _fail(value, key, source, what, example)
+    return float(number)
+
+
+def check_positive(value: Any, key: str, source: str = "config", example: Any = None) -> float:
+    """A number > 0, as float (numeric strings accepted)."""
+    return check_number(value, key, source, low=0, open_low=True, example=example)
+
+
 def check_choice(value: Any, choices, key: str, source: str = "config") -> Any:
     """Return `value` if it is one of `choices`, else a ConfigError naming the key."""
     if value not in choices:
-        raise ConfigError(f"{source}: '{key}' is {value!r}; expected one of {list(choices)}")
+        raise _fail(value, key, source, f"one of {list(choices)}")
     return value
+
+
+def check_list(value: Any, key: str, source: str = "config", item: Callable | None = None,
+               example: Any = None) -> list:
+    """A list (a tuple is accepted), each element checked by `item(element, 'key[i]', source)` when given
+    (e.g. `functools.partial(check_int, minimum=1)`); returns the checked elements."""
+    if not isinstance(value, (list, tuple)):
+        raise _fail(value, key, source, "a list", example)
+    if item is None:
+        return list(value)
+    return [item(v, f"{key}[{i}]", source) for i, v in enumerate(value)]
 
 
 def to_plain(obj: Any) -> Any:

@@ -91,3 +91,17 @@ def add_title(image: np.ndarray, text: str, height: int = 22) -> np.ndarray:
     strip = np.full((height, body.shape[1], 3), 255, dtype=np.uint8)
     cv2.putText(strip, text, (4, height - 7), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     return np.concatenate([strip, body], axis=0)
+
+
+def overlay_images(images: torch.Tensor, labels: torch.Tensor, predictions: list) -> np.ndarray:
+    """(N, H, W, 3) uint8 RGB: the image with labels in red and predictions in green.
+
+    images: (N, 1, H, W) in [0, 1]; labels: (N, 1, H, W) binary; predictions: N arrays (K, 2) x, y.
+    """
+    out = []
+    for image, lab, pred in zip(images, labels, predictions):
+        gt = torch.nonzero(lab[0] > 0.5).flip(-1).cpu().numpy()
+        canvas = draw_keypoints(image[0].detach().float().cpu().numpy(), gt, RED, radius=1)
+        canvas = draw_keypoints(canvas, pred, GREEN, radius=1)
+        out.append(canvas[..., ::-1])  # BGR -> RGB
+    return np.stack(out)

@@ -85,18 +85,3 @@ def save_image(path: str | Path, image: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
 
-
-def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
-    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable file is a DataError.
-
-    Grey conversion uses OpenCV's BGR weights (the reference applied the RGB formula to BGR data).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
-    if grayscale:
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    return image

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from utils.geometry import warp_points, warp_points_np
+from utils.keypoints import extract_keypoints, sample_descriptors
 from utils.matching import mutual_nearest_neighbours
 
 HOMOGRAPHY_THRESHOLDS = (1, 3, 5, 10, 20, 50)
@@ -201,3 +202,129 @@ def nn_map(labels: np.ndarray, distances: np.ndarray) -> float:
         return 0.0
     distances = np.asarray(distances, dtype=np.float64)
     return average_precision(labels, distances.max() - distances)
+
+# --------------------------------------------------------------------------------------------------
+# Training-time metrics: detections against label maps and descriptor matches of warped pairs, on
+# batched network outputs (the trainer's validation and tensorboard). The reference hard-coded NMS 4
+# and threshold 0.015 for these; the defaults below are the same.
+# --------------------------------------------------------------------------------------------------
+
+EVAL_NMS_RADIUS = 4
+EVAL_THRESHOLD = 0.015
+EVAL_BORDER = 4
+EVAL_MATCH_DISTANCE = 3.0
+EVAL_MAP_MIN_SCORE = 0.001
+EVAL_MATCH_TOP_K = 300  # keypoints per image for the descriptor metric
+
+
+def match_detections(pred: np.ndarray, gt: np.ndarray, max_distance: float) -> np.ndarray:
+    """Greedy one-to-one matching. pred: (N, 2) x, y sorted by decreasing score; gt: (M, 2) x, y.
+
+    Returns (N,) bool: prediction i is correct when the nearest label not taken by a higher-scoring
+    prediction lies within `max_distance` (Euclidean, pixels); that label is then taken.
+    """
+    correct = np.zeros(len(pred), dtype=bool)
+    if len(pred) == 0 or len(gt) == 0:
+        return correct
+    dist = np.linalg.norm(pred[:, None, :] - gt[None, :, :], axis=-1)
+    taken = np.zeros(len(gt), dtype=bool)
+    for i in np.flatnonzero((dist <= max_distance).any(axis=1)):
+        d = np.where(taken, np.inf, dist[i])
+        j = int(np.argmin(d))
+        if d[j] <= max_distance:
+            correct[i] = taken[j] = True
+    return correct
+
+
+class DetectionMetrics:
+    """Accumulates precision, recall and mAP of keypoint detections against label maps.
+
+    Predictions are the NMS'd heatmap maxima (radius `nms_radius`, score >= `threshold`, `border`
+    pixels removed, as the extractor); labels are the label-map pixels outside that border (and inside
+    the valid mask). Matching is `match_detections` (greedy, one-to-one, by decreasing score, within
+    `max_distance` px). precision = correct / predictions, recall = correct / labels, over everything
+    accumulated. mAP ranks every NMS'd maximum with score >= `map_min_score` and is the area under that
+    precision-recall curve with recall relative to all labels.
+    """
+
+    def __init__(self, threshold: float = EVAL_THRESHOLD, nms_radius: int = EVAL_NMS_RADIUS,
+                 border: int = EVAL_BORDER, max_distance: float = EVAL_MATCH_DISTANCE,
+                 map_min_score: float = EVAL_MAP_MIN_SCORE):
+        self.threshold, self.nms_radius, self.border = threshold, nms_radius, border
+        self.max_distance, self.map_min_score = max_distance, min(map_min_score, threshold)
+        self.scores: list = []
+        self.correct: list = []
+        self.n_labels = 0
+
+    def update(self, heatmap: torch.Tensor, labels: torch.Tensor, valid: Optional[torch.Tensor] = None) -> list:
+        """heatmap: (B, H, W) probabilities; labels: (B, 1, H, W) binary; valid: (B, 1, H, W) 0/1 or None.
+
+        Returns the B predicted keypoint arrays (N, 2) at the precision/recall threshold.
+        """
+        heatmap = heatmap.detach().float()
+        labels = labels.detach().to(heatmap.device)[:, 0] > 0.5
+        if valid is not None:
+            inside = valid.detach().to(heatmap.device)[:, 0] > 0.5
+            heatmap, labels = heatmap * inside, labels & inside
+        h, w = labels.shape[-2:]
+        labels[:, :self.border], labels[:, h - self.border:] = False, False
+        labels[:, :, :self.border], labels[:, :, w - self.border:] = False, False
+        # Greedy NMS visits higher scores first, so the maxima >= threshold are the same at any lower
+        # threshold: one NMS serves both precision/recall and the mAP ranking.
+        detections = extract_keypoints(heatmap, self.map_min_score, self.nms_radius, border=self.border)
+        kept = []
+        for (points, scores), lab in zip(detections, labels):
+            gt = torch.nonzero(lab).flip(-1).float().cpu().numpy()  # (M, 2) x, y
+            points, scores = points.cpu().numpy(), scores.cpu().numpy()
+            self.correct.append(match_detections(points, gt, self.max_distance))
+            self.scores.append(scores)
+            self.n_labels += len(gt)
+            kept.append(points[scores >= self.threshold])
+        return kept
+
+    def compute(self) -> dict:
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0)
+        correct = np.concatenate(self.correct) if self.correct else np.zeros(0, dtype=bool)
+        at_threshold = scores >= self.threshold
+        n_correct = int(correct[at_threshold].sum())
+        n_pred = int(at_threshold.sum())
+        # average_precision normalises recall by the positives in the ranking; rescale to all labels.
+        ap = average_precision(correct, scores) * correct.sum() / self.n_labels if self.n_labels else 0.0
+        return {
+            "precision": n_correct / n_pred if n_pred else 0.0,
+            "recall": n_correct / self.n_labels if self.n_labels else 0.0,
+            "mAP": float(ap),
+        }
+
+
+class MatchingMetrics:
+    """Accumulates the descriptor metric of image pairs: the `top_k` best predictions of the image and
+    of the warped image, their descriptors, mutual nearest neighbours. `match_precision` is the share of
+    those matches whose image point, moved by the pair's homography, lies within `max_distance` px of
+    its match; `matches` the mean number of matches per pair."""
+
+    def __init__(self, threshold: float = EVAL_THRESHOLD, nms_radius: int = EVAL_NMS_RADIUS, border: int = EVAL_BORDER,
+                 top_k: int = EVAL_MATCH_TOP_K, max_distance: float = EVAL_MATCH_DISTANCE):
+        self.threshold, self.nms_radius, self.border = threshold, nms_radius, border
+        self.top_k, self.max_distance = top_k, max_distance
+        self.correct = self.matches = self.pairs = 0
+
+    def update(self, heatmap: torch.Tensor, desc: torch.Tensor, warped_heatmap: torch.Tensor,
+               warped_desc: torch.Tensor, homographies: torch.Tensor) -> None:
+        """heatmaps: (B, H, W); desc: (B, D, H/8, W/8); homographies: (B, 3, 3) pixel, image -> warped."""
+        found = [extract_keypoints(h.detach().float(), self.threshold, self.nms_radius, self.border, self.top_k)
+                 for h in (heatmap, warped_heatmap)]
+        for b, ((p1, _), (p2, _)) in enumerate(zip(*found)):
+            self.pairs += 1
+            if len(p1) == 0 or len(p2) == 0:
+                continue
+            d1 = sample_descriptors(desc[b:b + 1].detach(), p1[None])[0]
+            d2 = sample_descriptors(warped_desc[b:b + 1].detach(), p2[None])[0]
+            i1, i2, _ = mutual_nearest_neighbours(d1, d2)
+            moved = warp_points(p1[i1].double(), homographies[b].to(p1.device, torch.float64))
+            self.correct += int(((moved - p2[i2].double()).norm(dim=-1) <= self.max_distance).sum())
+            self.matches += len(i1)
+
+    def compute(self) -> dict:
+        return {"match_precision": self.correct / self.matches if self.matches else 0.0,
+                "matches": self.matches / self.pairs if self.pairs else 0.0}

@@ -26,8 +26,8 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from datasets import builtin
-from datasets.Coco import IMAGE_SUFFIXES, list_images
-from utils.io import DataError, read_image, save_image
+from utils.images import IMAGE_SUFFIXES, list_images, read_image
+from utils.io import DataError, save_image
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from pipeline import training_images
-from utils.io import read_image, save_image
+from utils.images import read_image
+from utils.io import save_image
 
 
 def write(path, image):

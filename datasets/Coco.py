@@ -1,4 +1,4 @@
-"""MS-COCO images (reference-spec section 3.5): `<DATA_PATH>/COCO/<task>2014/*`.
+"""MS-COCO images, where the reference's Coco dataset reads them: `<DATA_PATH>/COCO/<task>2014/*`.
 
 Every image is read grey (OpenCV's BGR weights; the reference applied the RGB formula to BGR data),
 resized to `preprocessing.resize` with INTER_AREA (no aspect-preserving crop, as the reference) and

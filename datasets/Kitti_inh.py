@@ -1,4 +1,4 @@
-"""KITTI raw drives listed in split files (reference-spec section 3.6).
+"""KITTI raw drives listed in split files, laid out as the reference's Kitti_inh dataset reads them.
 
 `<root_split_txt>/<task>.txt` lists one drive and camera per line, e.g. `2011_09_26_drive_0020_sync_02`;
 its frames are `<root>/2011_09_26_drive_0020_sync/image_02/data/*` (JPEG or PNG, sorted). A sample's

@@ -1,4 +1,4 @@
-"""Synthetic Shapes for MagicPoint (reference-spec 3.4): rendered shapes with exact corner labels,
+"""Synthetic Shapes for MagicPoint (the reference's dataset of the same name): rendered shapes with exact corner labels,
 augmented photometrically then homographically (`datasets.data_tools.TrainingSample`).
 
 The shapes come from `datasets.synthetic_shapes`, either from its disk cache under
@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 import settings
-from datasets import synthetic_shapes
-from datasets.Coco import check_resize
+from datasets import synthetic_shapes, synthetic_shapes_cache
 from datasets.data_tools import AugmentationSeeds, TrainingSample, training_defaults
 from utils.config import IGNORED, combine, merge
-from utils.images import read_image
+from utils.images import check_resize, read_image
 
 default_conf = combine(training_defaults, synthetic_shapes.generation_defaults, {
     "dataset": "SyntheticDataset_gaussian",
@@ -51,8 +50,9 @@ TASK_SPLITS = {"train": "training", "val": "validation"}
 class SyntheticDataset_gaussian(torch.utils.data.Dataset):
     """Synthetic shapes of one split.
 
-    conf: the `data` section (reference-spec 2.1), merged over `default_conf`; unknown keys are
-    ConfigErrors naming them. task: 'train' (split `training`) or 'val' (split `validation`).
+    conf: the `data` section (the reference's magicpoint_shapes_pair.yaml keys), merged over
+    `default_conf`; unknown keys are ConfigErrors naming them. task: 'train' (split `training`) or
+    'val' (split `validation`).
     seed: seeds the augmentation (see the module docstring); the shapes themselves depend on
     `generation.random_seed`. data_path: where the cache lives (unused on the fly).
     Samples hold the keys of `datasets.data_tools.TrainingSample` and `name` ('<primitive>_<index>').
@@ -68,12 +68,13 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
         check_resize(self.conf["preprocessing"]["resize"], source)  # the network's 8-pixel cells
         self.task, self.split, self.seed = task, TASK_SPLITS[task], int(seed)
         self.build = TrainingSample(self.conf, task, source)
-        self.samples = synthetic_shapes.split_samples(self.conf, self.split)  # [(primitive, index)]
+        self.shapes = synthetic_shapes.shapes_settings(self.conf, source)  # checked once, passed on
+        self.samples = synthetic_shapes.split_samples(self.shapes, self.split)  # [(primitive, index)]
         self.entries = None  # [(image path, points)] in the same order, when read from the cache
         if not self.conf["on_the_fly"]:
             root = Path(data_path if data_path is not None else settings.DATA_PATH)  # read at call time
-            cache = synthetic_shapes.ensure_cache(root, self.conf, self.conf["workers"], (self.split,))
-            self.entries = synthetic_shapes.load_split(cache, self.conf, self.split)
+            cache = synthetic_shapes_cache.ensure_cache(root, self.shapes, self.conf["workers"], (self.split,))
+            self.entries = synthetic_shapes_cache.load_split(cache, self.shapes, self.split)
         self.seeds = AugmentationSeeds(self.seed, task, len(self.samples))
 
     def __len__(self) -> int:
@@ -83,7 +84,7 @@ class SyntheticDataset_gaussian(torch.utils.data.Dataset):
         """The un-augmented sample: image (H, W) float32 in [0, 1] and keypoints (N, 2) x, y."""
         if self.entries is None:
             primitive, i = self.samples[index]
-            image, points = synthetic_shapes.render_sample(self.conf, primitive, self.split, i)
+            image, points = synthetic_shapes.render_sample(self.shapes, primitive, self.split, i)
         else:
             path, points = self.entries[index]
             image = read_image(path)

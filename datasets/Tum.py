@@ -1,4 +1,5 @@
-"""TUM RGB-D sequences (reference-spec sections 2.8 and 3.6): `<root>/<scene>/rgb/*.png`.
+"""TUM RGB-D sequences, laid out as the reference's Tum dataset and its
+superpoint_tum_train_heatmap.yaml expect: `<root>/<scene>/rgb/*.png`.
 
 `<root_split_txt>/<task>.txt` lists one scene folder per line (e.g. `rgbd_dataset_freiburg1_desk`);
 without `root_split_txt` the split files are looked up in `root`. A sample's name is

@@ -8,9 +8,9 @@ the sample-level (1, H, W) shapes are the datasets' business.
   residuals p - round(p) (the reference's `labels_2D` and `labels_res`).
 * `bilinear_splat` + `gaussian_blur` = `gaussian_label_map`: the soft labels of `gaussian_label`.
 * `labels_to_cell_targets` / `valid_mask_to_cells`: the detector-loss targets and cell mask
-  (reference-spec section 5.2 steps 2 and 3).
+  (the reference's labels2Dto3D with its dustbin, and a cell valid only when all its pixels are).
 * `sample_pixel_homography`, `warp_sample` and `warped_pair`: homographic augmentation and the warped
-  pair of section 3.5, built on utils.geometry only.
+  pair of the reference's Coco dataset, built on utils.geometry only.
 * `TrainingSample`: the whole training sample of a dataset from an image and its keypoints
   (photometric, then homographic augmentation, labels, soft labels, warped pair), driven by the data
   keys of `training_defaults`, which every training dataset shares.
@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 
 from utils import photometric
-from utils.config import IGNORED, ConfigError
+from utils.config import IGNORED, check_positive
 from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, inside_image, sample_homography,
                             valid_mask, warp_image, warp_points)
 from utils.keypoints import CELL, heatmap_to_cells
 
-# The `data` keys read by `TrainingSample` (reference-spec 2.1, 2.6), with the reference's defaults.
+# The `data` keys read by `TrainingSample` (those of the reference's training configs), with its defaults.
 training_defaults = {
     "gaussian_label": {
         "enable": False,
@@ -127,12 +127,13 @@ def gaussian_blur(label_map: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def gaussian_label_map(points: torch.Tensor, height: int, width: int, sigma: float) -> torch.Tensor:
     """Soft labels (H, W) float32: the bilinear splat of the points blurred by a Gaussian of `sigma`
-    pixels (reference-spec section 0 row 3: a real blur, float, never quantised)."""
+    pixels: a real blur, float, never quantised (the reference's 'gaussian' labels were numerically
+    unblurred and its warped labels truncated to uint8)."""
     return gaussian_blur(bilinear_splat(points, height, width), sigma)
 
 
 def labels_to_cell_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Detector targets from label maps (reference-spec 5.2 step 2, the reference's `labels2Dto3D`).
+    """Detector targets from label maps (the reference's `labels2Dto3D`).
 
     labels: (B, 1, H, W) non-negative (binary or soft), H and W multiples of 8.
     Returns (B, 65, H/8, W/8): channels 0..63 are the cell's pixels in the order of
@@ -151,7 +152,7 @@ def labels_to_cell_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def valid_mask_to_cells(mask: torch.Tensor) -> torch.Tensor:
-    """Cell mask (reference-spec 5.2 step 3): (B, 1, H, W) pixel mask -> (B, 1, H/8, W/8), the
+    """Cell mask, as the reference's: (B, 1, H, W) pixel mask -> (B, 1, H/8, W/8), the
     product over each cell's 64 pixels (a cell is valid only if all its pixels are)."""
     return heatmap_to_cells(mask[:, 0].float()).prod(dim=1, keepdim=True)
 
@@ -182,7 +183,7 @@ def warp_sample(image: torch.Tensor, points: torch.Tensor, homography, erosion: 
 
 def warped_pair(image: torch.Tensor, points: torch.Tensor, homography_params: Mapping | None,
                 rng: np.random.Generator, erosion: int = 0, base_homography=None) -> dict:
-    """The warped half of a training pair (reference-spec 3.5).
+    """The warped half of a training pair (the reference's `warped_pair` of its Coco dataset).
 
     image: (1, H, W) float, points: (N, 2) x, y in it. A homography H is drawn with
     `sample_pixel_homography(rng, homography_params)`. base_homography: optional (3, 3) pixel
@@ -228,10 +229,8 @@ class TrainingSample:
         self.pair = conf["warped_pair"] if conf["warped_pair"]["enable"] else None
         self.sigma = None
         if conf["gaussian_label"]["enable"]:
-            self.sigma = conf["gaussian_label"]["params"]["GaussianBlur"]["sigma"]
-            if not (isinstance(self.sigma, (int, float)) and self.sigma > 0):
-                raise ConfigError(f"{source}: 'gaussian_label.params.GaussianBlur.sigma' is {self.sigma!r}; "
-                                  f"expected a positive number of pixels")
+            self.sigma = check_positive(conf["gaussian_label"]["params"]["GaussianBlur"]["sigma"],
+                                        "gaussian_label.params.GaussianBlur.sigma", source, example=0.2)
 
     def __call__(self, image: np.ndarray, points: torch.Tensor, rng: np.random.Generator) -> dict:
         """image: (H, W) float32 in [0, 1]; points: (N, 2) x, y (those off the image are dropped).

@@ -1,4 +1,5 @@
-"""HPatches sequences with the reference's protocol (reference-spec section 3.7).
+"""HPatches sequences with the reference's protocol (image 1 paired with images 2-6 of every
+sequence, resized as below), so that the numbers are comparable with the reference's table.
 
 Each sequence folder holds `1.ppm` ... `6.ppm` and `H_1_k` (pixel homographies image 1 -> image k);
 it gives 5 pairs (1, k). Per image: grey (OpenCV's BGR weights), crop the top-left part that has the

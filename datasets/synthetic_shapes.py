@@ -1,4 +1,5 @@
-"""Synthetic shapes: the nine drawing primitives of the reference, their keypoints, and a cache of them.
+"""Synthetic shapes: the nine drawing primitives of the reference, their keypoints, and the checked
+generation settings. The disk cache of rendered samples is datasets/synthetic_shapes_cache.py.
 
 Public API (what `SyntheticDataset_gaussian` builds on)
 ------------------------------------------------------
@@ -6,28 +7,26 @@ PRIMITIVES                      the nine primitive names, in the reference's ord
 SPLITS                          ("training", "validation", "test")
 generation_defaults             the `data` keys this module reads, with the reference's defaults; combine
                                 them into the dataset's default_conf (`utils.config.combine`)
-render(primitive, rng, conf)    -> (image uint8 (H, W), points float32 (N, 2) x, y): one sample, background
-                                included, drawn, blurred and resized to `preprocessing.resize`
-split_samples(conf, split)      -> [(primitive, index), ...]: the split in dataset order (primitives in
+shapes_settings(conf, source)   -> ShapesSettings: those keys checked once, as an immutable object that
+                                every function below takes (they also accept a raw data section, which
+                                they check first)
+render(primitive, rng, settings) -> (image uint8 (H, W), points float32 (N, 2) x, y): one sample,
+                                background included, drawn, blurred and resized to `preprocessing.resize`
+split_samples(settings, split)  -> [(primitive, index), ...]: the split in dataset order (primitives in
                                 PRIMITIVES order, each truncated to int(truncate * split_size), then
                                 shuffled with a permutation seeded by `generation.random_seed`)
-render_sample(conf, primitive, split, index, seed=None)
+render_sample(settings, primitive, split, index, seed=None)
                                 -> (image, points) of one sample, deterministic in (seed, primitive, split,
                                 index); the on-the-fly mode (no disk), pixel-identical to the cached image
-ensure_cache(data_path, conf, workers=None, splits=("training", "validation")) -> Path
-                                generates what is missing of `<data_path>/synthetic_shapes_<suffix>/`
-                                (worker processes, tqdm) and returns that folder
-load_split(cache_dir, conf, split) -> [(image_path, points), ...] in `split_samples` order
 Canvas, generate_background and the nine primitives (`draw_lines(rng, canvas, nb_lines=10)` ...) are
 the building blocks of `render`: each primitive draws on a Canvas that already holds the background
 and returns its keypoints in canvas pixels.
 
-`conf` is the dataset's `data` section: the keys of `generation_defaults` are read (and validated), any
-other key is left to the dataset. Points are always (x, y) in pixels of the returned image, with the
-project's convention (utils.geometry: pixel centres at integers). Rendering in forked DataLoader workers
-is fine; do not call cv2.setNumThreads inside a forked process (OpenCV then deadlocks).
+Points are always (x, y) in pixels of the returned image, with the project's convention
+(utils.geometry: pixel centres at integers). Rendering in forked DataLoader workers is fine; do not call
+cv2.setNumThreads inside a forked process (OpenCV then deadlocks).
 
-How samples are drawn (reference-spec section 3.4)
+How samples are drawn (as the reference's synthetic_dataset.py, faster)
 --------------------------------------------------
 Every primitive samples its shapes as the reference does, in the coordinates of an `image_size` image
 (960 x 1280, "canvas pixels"), with keypoints at integer canvas pixels. The reference then draws at
@@ -50,37 +49,19 @@ reference mixed a seeded RandomState with the unseeded global one); points store
 output's pixel convention, (x + 0.5) s - 0.5, instead of (y, x) scaled by s; only the images that
 `truncate` keeps and only the requested splits are generated (images depend on their index only, so a
 larger set later reuses them); `gaussian_noise` skips the background it would overwrite anyway.
-
-Cache layout: `<cache>/manifest.json` (the generation parameters and GENERATOR_VERSION; a cache made
-with other ones is deleted and regenerated, with a warning), `<cache>/<primitive>/images/<split>/<i>.png`
-and `<cache>/<primitive>/points/<split>/<start>-<stop>.npz` (keys `points` (M, 2) float32 and `counts`
-(stop - start,) int32: the points of images start..stop-1, concatenated). Images are generated in chunks
-of CHUNK_SIZE; a chunk's points file is written atomically after its images and commits the chunk, so
-an interrupted generation resumes with the uncommitted chunks.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import json
-import logging
 import math
-import multiprocessing
-import os
-import shutil
-from pathlib import Path
-from typing import Iterator
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from typing import Mapping, Optional
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
-from utils.config import OPEN, ConfigError, merge
+from utils.config import OPEN, ConfigError, check_int, check_list, check_number, merge
 from utils.geometry import resize_points
-from utils.io import DataError, load_npz, save_npz, write_json
-
-log = logging.getLogger(__name__)
 
 PRIMITIVES = (
     "draw_lines",
@@ -94,13 +75,12 @@ PRIMITIVES = (
     "gaussian_noise",
 )
 SPLITS = ("training", "validation", "test")
-# Bump whenever a change to this module changes the images or points it produces.
+# Bump whenever a change to this module changes the images or points it produces (the cache keeps it).
 GENERATOR_VERSION = 2
-CHUNK_SIZE = 100  # images per points file and per generation task
 
 generation_defaults = {
     "primitives": "all",
-    "truncate": OPEN,  # {primitive: fraction of its files kept}; validated in _settings
+    "truncate": OPEN,  # {primitive: fraction of its files kept}; checked in shapes_settings
     "suffix": None,
     "generation": {
         "split_sizes": {"training": 10000, "validation": 200, "test": 500},
@@ -411,7 +391,7 @@ def _stamp_reach(sx: float, sy: float, max_radius: int) -> int:
     return int(math.ceil(max_radius * max(sx, sy))) + 1
 
 
-@functools.lru_cache(maxsize=16)
+@lru_cache(maxsize=16)
 def _disc_stamps(sx: float, sy: float, max_radius: int, row_stride: int):
     """Raster pixels covered by a disc, for every radius 0..max_radius (canvas pixels) and every centre
     phase on a 1/8-pixel grid: the pixel at (cell + dx, cell + dy) is covered when its centre lies in the
@@ -716,297 +696,145 @@ _DRAW = {name: globals()[name] for name in PRIMITIVES}
 
 
 # ----------------------------------------------------------------------------------------------------
+# Settings, checked once
+
+
+def _frozen(value):
+    """Nested dicts and lists -> nested tuples ((key, value) pairs for dicts): read-only and picklable."""
+    if isinstance(value, Mapping):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class ShapesSettings:
+    """The checked generation settings (`shapes_settings`): what rendering, sample order and the cache
+    read. Immutable, so it is passed as is to worker processes and never re-checked."""
+
+    primitives: tuple  # names among PRIMITIVES, in PRIMITIVES order
+    truncate: tuple  # ((primitive, fraction of its samples kept), ...)
+    split_sizes: tuple  # ((split, samples per primitive), ...)
+    image_size: tuple  # (H, W) canvas pixels
+    resize: tuple  # (H, W) of the returned images
+    blur_size: int
+    random_seed: int
+    oversampling: Optional[int]  # None: draw at image_size
+    params: tuple  # ((primitive or 'generate_background', ((keyword, value), ...)), ...)
+    suffix: Optional[str]
+
+    def kwargs(self, name: str) -> dict:
+        """Keyword arguments of a primitive (or of generate_background)."""
+        return dict(dict(self.params)[name])
+
+    def split_count(self, primitive: str, split: str) -> int:
+        """Samples of `primitive` in `split`: int(truncate * split size), as the reference."""
+        return int(dict(self.truncate).get(primitive, 1) * dict(self.split_sizes)[split])
+
+    def as_dict(self) -> dict:
+        """The generation parameters as plain nested dicts (JSON-ready)."""
+        return {"primitives": list(self.primitives), "truncate": dict(self.truncate),
+                "split_sizes": dict(self.split_sizes), "image_size": list(self.image_size),
+                "resize": list(self.resize), "blur_size": self.blur_size, "random_seed": self.random_seed,
+                "oversampling": self.oversampling, "suffix": self.suffix,
+                "params": {name: dict(kw) for name, kw in self.params}}
+
+
+def shapes_settings(conf: Optional[Mapping] = None, source: str = "config") -> ShapesSettings:
+    """Check the keys of `generation_defaults` in a dataset's `data` section (other keys are left to the
+    dataset) and return them as a ShapesSettings; a bad value is a ConfigError naming `data.<key>`.
+    A ShapesSettings is returned as it is."""
+    if isinstance(conf, ShapesSettings):
+        return conf
+    conf = conf or {}
+    s = merge(generation_defaults, {k: conf[k] for k in generation_defaults if k in conf}, source, "data.")
+    gen, pre = s["generation"], s["preprocessing"]
+    names = s["primitives"]
+    names = list(PRIMITIVES) if names == "all" else ([names] if isinstance(names, str) else list(names or []))
+    if not names or any(p not in PRIMITIVES for p in names):
+        raise ConfigError(f"{source}: 'data.primitives' is {s['primitives']!r}; expected 'all' or names among "
+                          f"{list(PRIMITIVES)}, e.g. [draw_lines, draw_star]")
+    truncate = s["truncate"] or {}
+    for p, frac in truncate.items():
+        if p not in PRIMITIVES:
+            raise ConfigError(f"{source}: 'data.truncate.{p}': unknown primitive; expected one of {list(PRIMITIVES)}")
+        truncate[p] = check_number(frac, f"data.truncate.{p}", source, 0, 1, example=0.5)
+    for split, size in gen["split_sizes"].items():
+        if split not in SPLITS:
+            raise ConfigError(f"{source}: 'data.generation.split_sizes.{split}': unknown split; expected one of "
+                              f"{list(SPLITS)}")
+        gen["split_sizes"][split] = check_int(size, f"data.generation.split_sizes.{split}", source, minimum=0)
+    image_size = _size(gen["image_size"], "data.generation.image_size", source)
+    resize = _size(pre["resize"], "data.preprocessing.resize", source)
+    blur = check_int(pre["blur_size"], "data.preprocessing.blur_size", source, minimum=1, example=21)
+    if blur % 2 == 0:
+        raise ConfigError(f"{source}: 'data.preprocessing.blur_size' is {blur!r}; expected an odd positive "
+                          f"integer, e.g. 21")
+    over = gen["oversampling"]
+    return ShapesSettings(
+        primitives=tuple(p for p in PRIMITIVES if p in names), truncate=_frozen(truncate),
+        split_sizes=_frozen(gen["split_sizes"]), image_size=image_size, resize=resize, blur_size=blur,
+        random_seed=check_int(gen["random_seed"], "data.generation.random_seed", source),
+        oversampling=None if over is None else check_int(over, "data.generation.oversampling", source, minimum=1),
+        params=_frozen(gen["params"]), suffix=s["suffix"])
+
+
+def _size(value, key: str, source: str) -> tuple:
+    size = tuple(check_list(value, key, source, item=partial(check_int, minimum=1), example="[240, 320]"))
+    if len(size) != 2:
+        raise ConfigError(f"{source}: '{key}' is {value!r}; expected [height, width], e.g. [240, 320]")
+    return size
+
+
+# ----------------------------------------------------------------------------------------------------
 # One sample
 
 
-def _settings(conf) -> dict:
-    """The keys of `generation_defaults` from a dataset conf, merged with the defaults and checked.
-    Cached per distinct value (rendering calls this per image): treat the result as read-only."""
-    conf = conf or {}
-    relevant = {k: conf[k] for k in generation_defaults if k in conf}
-    return _settings_of(json.dumps(relevant, sort_keys=True, default=repr))
-
-
-@functools.lru_cache(maxsize=32)
-def _settings_of(conf_json: str) -> dict:
-    s = merge(generation_defaults, json.loads(conf_json), source="config", prefix="data.")
-    names = s["primitives"]
-    names = list(PRIMITIVES) if names == "all" else ([names] if isinstance(names, str) else list(names))
-    unknown = [p for p in names if p not in PRIMITIVES]
-    if unknown or not names:
-        raise ConfigError(f"data.primitives is {s['primitives']!r}; expected 'all' or names among {list(PRIMITIVES)}")
-    s["primitives"] = [p for p in PRIMITIVES if p in names]
-    truncate = s["truncate"] or {}
-    for p, frac in truncate.items():
-        if p not in PRIMITIVES or not isinstance(frac, (int, float)) or not 0 <= frac <= 1:
-            raise ConfigError(f"data.truncate.{p} is {frac!r}; expected a primitive name among "
-                              f"{list(PRIMITIVES)} with a fraction in [0, 1]")
-    s["truncate"] = dict(truncate)
-    gen = s["generation"]
-    for split, size in gen["split_sizes"].items():
-        if split not in SPLITS or not isinstance(size, int) or size < 0:
-            raise ConfigError(f"data.generation.split_sizes.{split} is {size!r}; expected a split among "
-                              f"{list(SPLITS)} with a non-negative integer")
-    if len(gen["image_size"]) != 2 or min(gen["image_size"]) < 1:
-        raise ConfigError(f"data.generation.image_size is {gen['image_size']!r}; expected [height, width]")
-    resize = s["preprocessing"]["resize"]
-    if len(resize) != 2 or min(resize) < 1:
-        raise ConfigError(f"data.preprocessing.resize is {resize!r}; expected [height, width]")
-    blur = s["preprocessing"]["blur_size"]
-    if not isinstance(blur, int) or blur < 1 or blur % 2 == 0:
-        raise ConfigError(f"data.preprocessing.blur_size is {blur!r}; expected an odd positive integer")
-    over = gen["oversampling"]
-    if over is not None and (not isinstance(over, int) or over < 1):
-        raise ConfigError(f"data.generation.oversampling is {over!r}; expected a positive integer or null")
-    return s
-
-
-def render(primitive: str, rng: np.random.Generator, conf=None):
+def render(primitive: str, rng: np.random.Generator, settings=None):
     """One sample of `primitive`: background, shapes, blur, resize.
 
-    conf: the dataset's data section (keys of `generation_defaults`; defaults if None).
+    settings: a ShapesSettings, or a dataset's data section (checked by `shapes_settings`; None: defaults).
     Returns (image uint8 (h, w) with (h, w) = preprocessing.resize, keypoints float32 (N, 2) x, y in
     pixels of that image; they may lie up to half a pixel outside it).
     """
-    s = _settings(conf)
+    s = shapes_settings(settings)
     if primitive not in PRIMITIVES:
         raise ValueError(f"unknown primitive {primitive!r}; expected one of {list(PRIMITIVES)}")
-    gen = s["generation"]
-    size, out, blur = tuple(gen["image_size"]), tuple(s["preprocessing"]["resize"]), s["preprocessing"]["blur_size"]
-    raster = size if gen["oversampling"] is None else tuple(gen["oversampling"] * v for v in out)
-    over = gen["oversampling"]
+    size, out, over = s.image_size, s.resize, s.oversampling
+    raster = size if over is None else tuple(over * v for v in out)
     # Textures are box-blurred by >= 50 canvas pixels (6 output pixels): painted at twice the output size.
-    canvas = Canvas(size, raster, blur, texture_step=over // 2 if over is not None and over % 2 == 0 else 1)
-    params = gen["params"]
+    canvas = Canvas(size, raster, s.blur_size, texture_step=over // 2 if over is not None and over % 2 == 0 else 1)
     if primitive != "gaussian_noise":
         # Heavily blurred (see generate_background): drawn at the output size, then upsampled. Also
         # when drawing at image_size, so that both give the primitives the same background_color.
-        background = Canvas(size, out, blur)
-        generate_background(rng, background, **params["generate_background"])
+        background = Canvas(size, out, s.blur_size)
+        generate_background(rng, background, **s.kwargs("generate_background"))
         canvas.image[:] = cv2.resize(background.image, raster[::-1], interpolation=cv2.INTER_LINEAR)
         canvas.background_color = background.mean()
-    points = _DRAW[primitive](rng, canvas, **params[primitive])
+    points = _DRAW[primitive](rng, canvas, **s.kwargs(primitive))
     image = canvas.finish(out)
     scale = (out[1] / size[1], out[0] / size[0])
     return image, resize_points(points.astype(np.float64), scale).astype(np.float32)
 
 
-def render_sample(conf, primitive: str, split: str, index: int, seed: int | None = None):
+def render_sample(settings, primitive: str, split: str, index: int, seed: int | None = None):
     """Sample `index` of `primitive` in `split`, drawn from its own generator
     default_rng([seed, primitive, split, index]) (seed: generation.random_seed unless given), so any
-    process renders it identically: the on-the-fly mode, and what the cache stores."""
-    s = _settings(conf)
-    seed = s["generation"]["random_seed"] if seed is None else seed
+    process renders it identically: the on-the-fly mode, and what the cache stores.
+    settings: a ShapesSettings or a data section (see `render`)."""
+    s = shapes_settings(settings)
+    seed = s.random_seed if seed is None else seed
     rng = np.random.default_rng([int(seed), PRIMITIVES.index(primitive), SPLITS.index(split), int(index)])
-    return render(primitive, rng, conf)
+    return render(primitive, rng, s)
 
 
-def _split_count(s: dict, primitive: str, split: str) -> int:
-    return int(s["truncate"].get(primitive, 1) * s["generation"]["split_sizes"][split])
-
-
-def split_samples(conf, split: str) -> list:
+def split_samples(settings, split: str) -> list:
     """[(primitive, index), ...]: the split in dataset order (reference: truncate each primitive, then
-    concatenate and shuffle with a seeded permutation)."""
+    concatenate and shuffle with a seeded permutation). settings: as `render`."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    s = _settings(conf)
-    samples = [(p, i) for p in s["primitives"] for i in range(_split_count(s, p, split))]
-    order = np.random.default_rng(s["generation"]["random_seed"]).permutation(len(samples))
+    s = shapes_settings(settings)
+    samples = [(p, i) for p in s.primitives for i in range(s.split_count(p, split))]
+    order = np.random.default_rng(s.random_seed).permutation(len(samples))
     return [samples[k] for k in order]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Cache
-
-
-def cache_dir(data_path, conf) -> Path:
-    """`<data_path>/synthetic_shapes_<suffix>` (no suffix: `synthetic_shapes`)."""
-    suffix = _settings(conf)["suffix"]
-    return Path(data_path) / ("synthetic_shapes" + (f"_{suffix}" if suffix is not None else ""))
-
-
-def _identity(s: dict) -> dict:
-    """What the images depend on (split sizes and truncate only decide how many there are)."""
-    gen = s["generation"]
-    identity = {"generator_version": GENERATOR_VERSION, "image_size": gen["image_size"],
-                "resize": s["preprocessing"]["resize"], "blur_size": s["preprocessing"]["blur_size"],
-                "random_seed": gen["random_seed"], "oversampling": gen["oversampling"], "params": gen["params"]}
-    return json.loads(json.dumps(identity))  # tuples -> lists, as read back from the file
-
-
-def _chunk_files(folder: Path) -> dict:
-    """{start: (stop, path)} of the points files in a split folder (the largest stop per start)."""
-    chunks = {}
-    for path in folder.glob("*.npz") if folder.is_dir() else []:
-        try:
-            start, stop = (int(v) for v in path.stem.split("-"))
-        except ValueError:
-            continue
-        if start not in chunks or stop > chunks[start][0]:
-            chunks[start] = (stop, path)
-    return chunks
-
-
-def _chunk_starts(count: int) -> range:
-    return range(0, count, CHUNK_SIZE)
-
-
-def _missing_chunks(cache: Path, s: dict, splits) -> list:
-    tasks = []
-    for p in s["primitives"]:
-        for split in splits:
-            count = _split_count(s, p, split)
-            have = _chunk_files(cache / p / "points" / split)
-            for start in _chunk_starts(count):
-                stop = min(start + CHUNK_SIZE, count)
-                if have.get(start, (-1,))[0] < stop:
-                    tasks.append((p, split, start, stop))
-    return tasks
-
-
-def _generate_chunk(cache: Path, conf, primitive: str, split: str, start: int, stop: int) -> int:
-    """Render images start..stop-1 of one primitive/split into the cache.
-
-    The chunk is the unit of atomicity: its points file, written atomically after its images, commits
-    it; a chunk interrupted before that is regenerated whole, and readers only use committed chunks.
-    So the images are written plainly (a temporary file and rename per image cost ~1 ms here)."""
-    images = cache / primitive / "images" / split
-    images.mkdir(parents=True, exist_ok=True)
-    points = []
-    for i in range(start, stop):
-        image, pts = render_sample(conf, primitive, split, i)
-        ok, png = cv2.imencode(".png", image)
-        if not ok:
-            raise DataError(f"{images / f'{i}.png'}: could not encode the image")
-        (images / f"{i}.png").write_bytes(png.tobytes())
-        points.append(pts)
-    folder = cache / primitive / "points" / split
-    save_npz(folder / f"{start:06d}-{stop:06d}.npz", points=np.concatenate(points).reshape(-1, 2),
-             counts=np.array([len(p) for p in points], dtype=np.int32))
-    for old in folder.glob(f"{start:06d}-*.npz"):  # shorter chunks now superseded
-        if old.stem != f"{start:06d}-{stop:06d}":
-            old.unlink(missing_ok=True)
-    return stop - start
-
-
-def _generate_task(args) -> int:
-    return _generate_chunk(*args)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock (several processes, e.g. DDP ranks, may ask for the same cache)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _read_manifest(cache: Path):
-    path = cache / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("synthetic shapes: %s is unreadable (%s); the cache will be regenerated", path, e)
-        return {}
-
-
-def _differences(old, new, prefix="") -> list:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
-def ensure_cache(data_path, conf, workers: int | None = None, splits=("training", "validation")) -> Path:
-    """Make `<data_path>/synthetic_shapes_<suffix>/` hold every image of `splits` that the conf's
-    primitives, split sizes and truncate ask for, and return that folder.
-
-    Images already there are reused when the manifest's generation parameters equal the conf's; a
-    cache made with other parameters (or by other code) is deleted and regenerated, with a warning.
-    workers: processes (default: the usable CPU cores); the images do not depend on it.
-    """
-    s = _settings(conf)
-    for split in splits:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    cache = cache_dir(data_path, conf)
-    identity = _identity(s)
-    with _locked(cache / ".lock"):
-        manifest = _read_manifest(cache)
-        ours = [cache / p for p in PRIMITIVES if (cache / p).exists()]
-        if manifest is not None and manifest.get("identity") != identity:
-            changes = _differences(manifest.get("identity"), identity)
-            log.warning("synthetic shapes: %s was generated with other parameters (%s); deleting and "
-                        "regenerating it", cache, "; ".join(changes) or "unreadable manifest")
-        elif manifest is None and ours:
-            log.warning("synthetic shapes: %s holds shapes without a manifest; deleting and regenerating them",
-                        cache)
-        else:
-            ours = []
-        for folder in ours:
-            shutil.rmtree(folder)
-        write_json(cache / "manifest.json", {
-            "identity": identity,
-            # Informational: the request that last extended the cache (images depend on their index only).
-            "primitives": s["primitives"], "split_sizes": s["generation"]["split_sizes"],
-            "truncate": s["truncate"]})
-        tasks = _missing_chunks(cache, s, splits)
-        if tasks:
-            _run(tasks, cache, {k: conf[k] for k in generation_defaults if k in conf}, workers)
-    return cache
-
-
-def _run(tasks: list, cache: Path, conf, workers: int | None) -> None:
-    workers = workers or len(os.sched_getaffinity(0))
-    total = sum(stop - start for _, _, start, stop in tasks)
-    log.info("synthetic shapes: generating %d images into %s with %d process(es)", total, cache, workers)
-    jobs = [(cache, conf, *task) for task in tasks]
-    with tqdm(total=total, desc="synthetic shapes", unit="img") as bar:
-        if workers == 1:
-            for job in jobs:
-                bar.update(_generate_task(job))
-            return
-        # Forked workers, one OpenCV thread each. A forked process must not reconfigure OpenCV's
-        # thread pool (cv2.setNumThreads deadlocks there), so this process sets it for them around the
-        # fork. (forkserver or spawn would re-run an unguarded calling script in every worker.)
-        threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)
-        try:
-            pool = multiprocessing.get_context("fork").Pool(workers)
-        finally:
-            cv2.setNumThreads(threads)
-        with pool:
-            for done in pool.imap_unordered(_generate_task, jobs):
-                bar.update(done)
-
-
-def load_split(cache: Path, conf, split: str) -> list:
-    """[(image_path, points float32 (N, 2) x, y), ...] of `split`, in `split_samples` order.
-    The cache must be complete for the conf (`ensure_cache`); otherwise a DataError says what is missing."""
-    s = _settings(conf)
-    cache = Path(cache)
-    manifest = _read_manifest(cache)
-    if not manifest or manifest.get("identity") != _identity(s):
-        raise DataError(f"{cache}: no synthetic shapes cache for these generation parameters; "
-                        "call ensure_cache(data_path, conf) first")
-    points = {}
-    for p in s["primitives"]:
-        count = _split_count(s, p, split)
-        chunks = _chunk_files(cache / p / "points" / split)
-        per_image = []
-        for start in _chunk_starts(count):
-            stop, path = chunks.get(start, (-1, None))
-            if stop < min(start + CHUNK_SIZE, count):
-                raise DataError(f"{cache / p / 'points' / split}: images {start}.. are missing; "
-                                "call ensure_cache(data_path, conf) first")
-            data = load_npz(path, ["points", "counts"])
-            per_image.extend(np.split(data["points"], np.cumsum(data["counts"])[:-1]))
-        points[p] = per_image[:count]
-    return [(cache / p / "images" / split / f"{i}.png", points[p][i]) for p, i in split_samples(conf, split)]

@@ -1,4 +1,6 @@
-"""SuperPointNet_gauss2: the reference's network (reference-spec section 4.1), with BatchNorm."""
+"""SuperPointNet_gauss2: the reference's network (a U-Net-style VGG encoder with BatchNorm, a
+65-channel detector head and a 256-channel descriptor head), with its parameter names, so that its
+checkpoints load unchanged."""
 import torch
 import torch.nn.functional as F
 from torch import nn

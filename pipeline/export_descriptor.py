@@ -1,6 +1,7 @@
 """`export.py export_descriptor`: keypoints, descriptors and matches of every HPatches pair.
 
-Writes EXPER_PATH/<exper>/predictions/<i>.npz with the reference's keys (reference-spec 7.1):
+Writes EXPER_PATH/<exper>/predictions/<i>.npz with the keys the reference's export_descriptor writes
+(so its evaluation.py and ours read the same files):
 image, warped_image (H, W) float32; prob, warped_prob (N, 3) float64 [x, y, score] sorted by score;
 desc, warped_desc (N, D) float32 unit vectors; homography (3, 3) float64 pixel image -> warped;
 matches (M, 4) float64 [x1, y1, x2, y2] (mutual nearest neighbours closer than model.nn_thresh).
@@ -29,8 +30,8 @@ from utils.matching import mutual_nearest_neighbours
 
 log = logging.getLogger(__name__)
 
-# Keys of the reference's magicpoint_repeatability_heatmap.yaml (spec 2.5) and classical_descriptors.yaml
-# (spec 2.9) that the export accepts; training-only keys are accepted and ignored.
+# Every key of the reference's magicpoint_repeatability_heatmap.yaml and classical_descriptors.yaml, so
+# its configs run unchanged; training-only keys are accepted and ignored.
 schema = {
     "data": patches_dataset.default_conf,
     "front_end_model": IGNORED,

@@ -1,4 +1,5 @@
-"""`export.py export_detector_homoAdapt`: keypoint labels by homography adaptation (reference-spec 6).
+"""`export.py export_detector_homoAdapt`: keypoint labels by homography adaptation, in the
+reference's output layout (one npz of points per image), with the fixes listed in its paragraphs below.
 
 For every image of `data.dataset` (Coco, Kitti_inh, ImageFolder) in the split `data.export_folder`:
 the heatmap aggregated over `data.homography_adaptation.num` homographies (utils.homography_adaptation),
@@ -74,7 +75,7 @@ def load_adaptation_config(path: str | Path, weights=None, precision=None) -> di
     if not conf["model"]["pretrained"]:
         raise ConfigError(f"{path}: no weights: set 'pretrained' (or 'model.pretrained') to a MagicPoint "
                           f"checkpoint or MagicLeap's superpoint_v1.pth (with model.name SuperPointNet_pretrained)")
-    ha.merged_conf(conf["data"]["homography_adaptation"], source=str(path))  # validate early
+    conf["data"]["homography_adaptation"] = ha.merged_conf(conf["data"]["homography_adaptation"], source=str(path))
     return conf
 
 
@@ -202,7 +203,7 @@ def run(args) -> dict:
     device = default_device(ctx)
     extractor = extractor_lib.SuperPointExtractor(
         {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=device)
-    ha_conf = ha.merged_conf(data["homography_adaptation"])
+    ha_conf = data["homography_adaptation"]
     log.info("homography adaptation of %d images (%s) with %d homographies, %s weights %s on %s -> %s",
              len(dataset), data["dataset"], ha_conf["num"], conf["model"]["name"], conf["model"]["pretrained"],
              device, out_dir)

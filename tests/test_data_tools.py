@@ -20,7 +20,7 @@ def test_label_map_rounds_points_and_ignores_those_outside():
     pts = torch.tensor([[2.6, 3.4], [0.0, 0.0], [-0.6, 5.0], [9.5, 2.0], [9.4, 7.45]])
     labels = dt.points_to_label_map(pts, 8, 10)
     expected = torch.zeros(8, 10)
-    expected[3, 3] = 1  # (2.6, 3.4): column 3, row 3 (truncation would give column 2)
+    expected[3, 3] = 1  # (2.6, 3.4) rounds to column 3, row 3 (the reference truncated: column 2)
     expected[0, 0] = 1
     expected[7, 9] = 1  # (9.4, 7.45) is still on the last pixel; (9.5, 2) and (-0.6, 5) are off the image
     assert labels.dtype == torch.float32

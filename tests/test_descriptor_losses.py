@@ -285,7 +285,8 @@ def test_get_descriptor_loss_reads_the_reference_keys():
                            "min_negative_distance": 2.0}
     dense = {"lambda_loss": 1, "dense_loss": {"enable": True, "params": {"descriptor_dist": 4, "lambda_d": 800}}}
     fn = get_descriptor_loss(dense)
-    assert fn.func is dense_descriptor_loss and fn.keywords["lambda_d"] == 800.0  # honoured (row 6)
+    # lambda_d is honoured (the reference ignored the config's lambda_d).
+    assert fn.func is dense_descriptor_loss and fn.keywords["lambda_d"] == 800.0
     assert fn.keywords["descriptor_dist"] == 4.0
     assert get_descriptor_loss({"lambda_loss": 1, "dense_loss": {"enable": True, "params": {"lamda_d": 5}}}
                                ).keywords["lambda_d"] == 5.0

@@ -212,7 +212,7 @@ def test_cli_prints_the_seven_numbers(synthetic):
 # ---------------------------------------------------------------- the reference's own predictions
 
 def reference_formulas(data, top_k=1000, thresh=3):
-    """The reference's evaluation of one pair, transcribed directly (reference-spec 7.2-7.5, evaluation.py
+    """The reference's evaluation of one pair, transcribed directly (its evaluation.py
     with --repeatibility --homography): returns rep, loc_err, correctness (6,), mscore, ap."""
     shape = data["image"].shape
     hh, ww = shape

@@ -9,7 +9,7 @@ from models.extractor import SuperPointExtractor, check_image_size
 from utils.checkpoints import load_weights_into, save_checkpoint
 from utils.io import DataError
 
-# state_dict layout of the reference's checkpoints (reference-spec 4.1).
+# state_dict layout of the reference's checkpoints (its parameter names and shapes, so they load unchanged).
 REFERENCE_BLOCKS = ["inc.conv.conv"] + [f"down{i}.mpconv.1.conv" for i in (1, 2, 3)]
 BN_KEYS = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
 

@@ -1,5 +1,5 @@
-"""Photometric primitives (reference-spec 3.1): each has its documented effect, float32 throughout,
-deterministic for a seed, applied in the configured order."""
+"""Photometric primitives (the reference's augmentation names and parameters): each has its documented
+effect, float32 throughout, deterministic for a seed, applied in the configured order."""
 from pathlib import Path
 
 import numpy as np

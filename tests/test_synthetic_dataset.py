@@ -23,7 +23,7 @@ HOMOGRAPHIC = {"translation": True, "rotation": True, "scaling": True, "perspect
                "scaling_amplitude": 0.2, "perspective_amplitude_x": 0.2, "perspective_amplitude_y": 0.2,
                "patch_ratio": 0.8, "max_angle": 1.57, "allow_artifacts": True, "translation_overflow": 0.05}
 
-# The data section of configs/magicpoint_shapes_pair.yaml (reference-spec 2.1), with small splits:
+# The data section of configs/magicpoint_shapes_pair.yaml (the reference's MagicPoint config), with small splits:
 # 66 training images (6 x 10 + 3 + 2 + 1, as 66,000) and 32 validation images.
 SHAPES_PAIR = {
     "dataset": "SyntheticDataset_gaussian",

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from datasets import synthetic_shapes as ss
+from datasets import synthetic_shapes_cache as cache_lib
 from utils.config import ConfigError
 from utils.geometry import resize_points
 from utils.io import DataError
@@ -170,14 +171,16 @@ def test_split_samples_truncate_and_shuffle():
 
 
 def read_cache(cache, conf, split):
-    return [(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), points) for path, points in ss.load_split(cache, conf, split)]
+    return [(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), points)
+            for path, points in cache_lib.load_split(cache, conf, split)]
 
 
 def test_cache_counts_truncate_and_on_the_fly_equality(tmp_path):
     conf = tiny(training=10, validation=5, truncate={"draw_ellipses": 0.3, "draw_stripes": 0.2, "gaussian_noise": 0.1})
-    cache = ss.ensure_cache(tmp_path, conf, workers=1)
+    cache = cache_lib.ensure_cache(tmp_path, conf, workers=1)
     assert cache == tmp_path / "synthetic_shapes"
-    training, validation = ss.load_split(cache, conf, "training"), ss.load_split(cache, conf, "validation")
+    training = cache_lib.load_split(cache, conf, "training")
+    validation = cache_lib.load_split(cache, conf, "validation")
     assert len(training) == 6 * 10 + 3 + 2 + 1
     assert len(validation) == 6 * 5 + 1 + 1 + 0
     assert not (cache / "draw_cube" / "images" / "test").exists()  # only the requested splits
@@ -194,11 +197,11 @@ def test_cache_counts_truncate_and_on_the_fly_equality(tmp_path):
 
 
 def test_cache_is_independent_of_the_worker_count(tmp_path, monkeypatch):
-    monkeypatch.setattr(ss, "CHUNK_SIZE", 2)  # several tasks per primitive for the two processes
+    monkeypatch.setattr(cache_lib, "CHUNK_SIZE", 2)  # several tasks per primitive for the two processes
     conf = tiny(training=5, validation=2, suffix="w")
     cv2.GaussianBlur(np.zeros((960, 1280), np.uint8), (21, 21), 0)  # OpenCV's thread pool in use before the fork
-    one = ss.ensure_cache(tmp_path / "one", conf, workers=1)
-    two = ss.ensure_cache(tmp_path / "two", conf, workers=2)
+    one = cache_lib.ensure_cache(tmp_path / "one", conf, workers=1)
+    two = cache_lib.ensure_cache(tmp_path / "two", conf, workers=2)
     assert one.name == two.name == "synthetic_shapes_w"
     for split in ("training", "validation"):
         a, b = read_cache(one, conf, split), read_cache(two, conf, split)
@@ -210,37 +213,37 @@ def test_cache_is_independent_of_the_worker_count(tmp_path, monkeypatch):
 
 def count_generated(monkeypatch):
     calls = []
-    real = ss._generate_chunk
+    real = cache_lib._generate_chunk
 
     def counting(cache, conf, primitive, split, start, stop):
         calls.append((primitive, split, start, stop))
         return real(cache, conf, primitive, split, start, stop)
 
-    monkeypatch.setattr(ss, "_generate_chunk", counting)
+    monkeypatch.setattr(cache_lib, "_generate_chunk", counting)
     return calls
 
 
 def test_cache_reused_extended_and_regenerated_on_other_parameters(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(ss, "CHUNK_SIZE", 2)
+    monkeypatch.setattr(cache_lib, "CHUNK_SIZE", 2)
     calls = count_generated(monkeypatch)
     conf = tiny(primitives=["draw_polygon", "draw_star"])
-    cache = ss.ensure_cache(tmp_path, conf, workers=1)
+    cache = cache_lib.ensure_cache(tmp_path, conf, workers=1)
     assert len(calls) == 2 * (2 + 1)  # 4 training + 2 validation images per primitive, 2 per chunk
     before = cv2.imread(str(cache / "draw_star" / "images" / "training" / "0.png"), cv2.IMREAD_UNCHANGED)
 
     calls.clear()
-    ss.ensure_cache(tmp_path, conf, workers=1)
+    cache_lib.ensure_cache(tmp_path, conf, workers=1)
     assert calls == []  # same parameters: reused
 
     bigger = tiny(training=6, primitives=["draw_polygon", "draw_star"])
-    ss.ensure_cache(tmp_path, bigger, workers=1)
+    cache_lib.ensure_cache(tmp_path, bigger, workers=1)
     assert sorted(calls) == [("draw_polygon", "training", 4, 6), ("draw_star", "training", 4, 6)]
-    assert len(ss.load_split(cache, bigger, "training")) == 12
+    assert len(cache_lib.load_split(cache, bigger, "training")) == 12
 
     calls.clear()
     other = tiny(primitives=["draw_polygon", "draw_star"], preprocessing={"resize": [120, 160], "blur_size": 11})
-    with caplog.at_level(logging.WARNING, logger=ss.__name__):
-        ss.ensure_cache(tmp_path, other, workers=1)
+    with caplog.at_level(logging.WARNING, logger=cache_lib.__name__):
+        cache_lib.ensure_cache(tmp_path, other, workers=1)
     assert "blur_size: 21 -> 11" in caplog.text and "regenerating" in caplog.text
     assert len(calls) == 6
     after = cv2.imread(str(cache / "draw_star" / "images" / "training" / "0.png"), cv2.IMREAD_UNCHANGED)
@@ -248,7 +251,7 @@ def test_cache_reused_extended_and_regenerated_on_other_parameters(tmp_path, mon
     np.testing.assert_array_equal(after, ss.render_sample(other, "draw_star", "training", 0)[0])
     assert not (cache / "draw_star" / "images" / "training" / "5.png").exists()  # old images deleted
     with pytest.raises(DataError, match="ensure_cache"):
-        ss.load_split(cache, conf, "training")  # the cache no longer holds the old parameters
+        cache_lib.load_split(cache, conf, "training")  # the cache no longer holds the old parameters
 
 
 def test_cache_without_manifest_is_regenerated(tmp_path, caplog):
@@ -258,18 +261,18 @@ def test_cache_without_manifest_is_regenerated(tmp_path, caplog):
     (stale / "99.png").write_bytes(b"stale")
     reference_tarball = tmp_path / "synthetic_shapes" / "draw_lines.tar.gz"  # the reference's format: kept
     reference_tarball.write_bytes(b"tar")
-    with caplog.at_level(logging.WARNING, logger=ss.__name__):
-        cache = ss.ensure_cache(tmp_path, conf, workers=1)
+    with caplog.at_level(logging.WARNING, logger=cache_lib.__name__):
+        cache = cache_lib.ensure_cache(tmp_path, conf, workers=1)
     assert "without a manifest" in caplog.text
     assert not (stale / "99.png").exists() and reference_tarball.exists()
-    assert len(ss.load_split(cache, conf, "training")) == 4
+    assert len(cache_lib.load_split(cache, conf, "training")) == 4
 
 
 def test_incomplete_cache_is_a_data_error(tmp_path):
     conf = tiny(primitives="draw_cube")
-    cache = ss.ensure_cache(tmp_path, conf, workers=1, splits=("training",))
+    cache = cache_lib.ensure_cache(tmp_path, conf, workers=1, splits=("training",))
     with pytest.raises(DataError, match="missing"):
-        ss.load_split(cache, conf, "validation")
+        cache_lib.load_split(cache, conf, "validation")
 
 
 @pytest.mark.parametrize("conf, key", [

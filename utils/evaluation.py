@@ -1,14 +1,15 @@
-"""HPatches evaluation of exported predictions (`evaluation.py`, reference-spec 1.4 and 7.2-7.5).
+"""HPatches evaluation of exported predictions (`evaluation.py`, the reference's flags and metrics).
 
-Reads every `<i>.npz` of a predictions folder (keys of reference-spec 7.1), computes the metrics of
+Reads every `<i>.npz` of a predictions folder (the keys of pipeline/export_descriptor.py), computes the metrics of
 utils.metrics per pair and writes, next to the predictions:
 * `result.txt`  the reference's summary and per-file details (appended, as the reference);
 * `result.npz`  the reference's keys: repeatability, localization_err (pairs with error > 0),
                 correctness (n_pairs, 6) bool, homography_thresh, mscore, mAP;
 * `result.json` every aggregate (`null` where not computed), the counts and the flags used.
 
-Definitions (reference-spec section 0, row 14): by default the matching score and the NN mAP labels
-use the ground-truth homography; `compat=True` reproduces the reference's definitions (RANSAC
+Definitions: the reference computed the matching score from (y, x)-swapped points and labelled the NN
+mAP's matches by RANSAC inliers, both bugs. By default the matching score and the NN mAP labels use
+the ground-truth homography; `compat=True` reproduces the reference's definitions (RANSAC
 inliers, (y, x)-swapped matching-score denominator) so that its published table stays comparable.
 A file that cannot be read is reported and counted in `n_failed`; a pair without enough matches
 for RANSAC is a counted homography failure (incorrect at every threshold). Neither stops the run.
@@ -90,7 +91,8 @@ def _cross_check(data: dict):
 
 def _nn_map(data: dict, matches: metrics.Matches, inliers: np.ndarray, sift: bool, compat: bool,
             distance_thresh: float) -> float:
-    """The pair's NN mAP term (reference-spec 7.5); see the module docstring for the two definitions."""
+    """The pair's NN mAP term (AP of the matches ranked by descriptor distance); see the module
+    docstring for the two definitions."""
     homography = data["homography"]
     if sift:
         # SIFT descriptors are not unit vectors: every cross-check match enters, none is thresholded.

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# Parameters of `sample_homography`, with the reference's defaults (reference-spec section 3.2).
+# Parameters of `sample_homography`, with the defaults of the reference's sample_homography_np.
 HOMOGRAPHY_DEFAULTS = {
     "translation": True,
     "rotation": True,

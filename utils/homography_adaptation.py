@@ -24,10 +24,11 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from utils.config import check_choice, merge
+from utils.config import check_choice, check_int, merge
 from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, sample_homographies,
                             valid_mask, warp_image)
 
+# 'sum' is the reference's spelling of the masked mean (see the module docstring), accepted as an alias.
 AGGREGATIONS = ("mean", "sum", "max")
 
 default_conf = {
@@ -47,8 +48,8 @@ def merged_conf(conf: Mapping | None, source: str = "homography_adaptation") -> 
     """`default_conf` updated with `conf`; unknown keys and bad values are ConfigErrors."""
     out = merge(default_conf, conf, source=source, prefix="homography_adaptation.")
     check_choice(out["aggregation"], AGGREGATIONS, "homography_adaptation.aggregation", source)
-    if int(out["chunk"]) < 1:
-        raise ValueError(f"{source}: homography_adaptation.chunk is {out['chunk']!r}; expected an integer >= 1")
+    for key, minimum in (("num", 0), ("chunk", 1), ("filter_counts", 0), ("valid_border_margin", 0)):
+        out[key] = check_int(out[key], f"homography_adaptation.{key}", source, minimum=minimum)
     return out
 
 

@@ -2,8 +2,9 @@
 
 Every loss takes the network's raw outputs and computes in fp32, whatever precision the network ran at.
 
-The detector targets and cell masks (reference-spec 5.2 steps 2-3) come from label maps and pixel
-masks through `datasets.data_tools.labels_to_cell_targets` and `valid_mask_to_cells`.
+The detector targets and cell masks (the reference's labels2Dto3D, and cells valid only when all their
+pixels are) come from label maps and pixel masks through `datasets.data_tools.labels_to_cell_targets`
+and `valid_mask_to_cells`.
 
 Descriptor-loss geometry (both losses). The descriptor of cell (u, v) (column u, row v) describes the
 cell's centre, the pixel point (8u + 3.5, 8v + 3.5) (the convention of `utils.keypoints
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from utils.config import IGNORED, ConfigError, check_choice, merge
+from utils.config import IGNORED, ConfigError, check_choice, check_int, check_number, check_positive, merge
 from utils.geometry import inside_image, pixel_grid, warp_points
 from utils.keypoints import CELL, sample_descriptors
 
@@ -63,7 +64,7 @@ def detector_loss(semi: torch.Tensor, target: torch.Tensor, cell_mask: torch.Ten
 
 
 # --------------------------------------------------------------------------------------------------
-# Descriptor losses (reference-spec 5.3 and 5.4, with the fixes of section 0 rows 5 and 6)
+# Descriptor losses: the reference's sparse and dense losses, with its bugs fixed (see each docstring)
 # --------------------------------------------------------------------------------------------------
 
 POSITIVE_MARGIN = 1.0  # hinge max(0, 1 - <d_a, d_b>) on matching descriptors (reference)
@@ -130,7 +131,8 @@ def sparse_descriptor_loss(desc: torch.Tensor, warped_desc: torch.Tensor, homogr
                            num_masked_non_matches_per_match: int = 100, lambda_d: float = 1.0,
                            min_negative_distance: float = 2.0, generator: Optional[torch.Generator] = None
                            ) -> tuple[torch.Tensor, dict]:
-    """Sparse contrastive descriptor loss (reference-spec 5.3, fixed: section 0 row 5).
+    """Sparse contrastive descriptor loss. The reference ignored the valid mask, and its filter that keeps
+    negatives away from the true match had zero weights; here both work (min_negative_distance).
 
     desc, warped_desc: (B, D, Hc, Wc) descriptors of the image and of its warped version.
     homographies: (B, 3, 3) pixel homographies image -> warped image. warped_valid_mask: (B, 1, H, W).
@@ -218,7 +220,9 @@ def _dense_chunk(anchor_desc: torch.Tensor, anchor_targets: torch.Tensor, warped
 def dense_descriptor_loss(desc: torch.Tensor, warped_desc: torch.Tensor, homographies: torch.Tensor,
                           warped_valid_mask: torch.Tensor, descriptor_dist: float = 4.0, lambda_d: float = 250.0,
                           max_pairs_per_chunk: int = 2 ** 20) -> tuple[torch.Tensor, dict]:
-    """Dense descriptor loss over every pair of cells (reference-spec 5.4, fixed: section 0 row 6).
+    """Dense descriptor loss over every pair of cells. The reference ignored the config's `lambda_d` (it read
+    `lamda_d`, default 250) and divided the sum both by the valid-cell count and by Hc * Wc; here
+    `lambda_d` is honoured and the sum is normalised once.
 
     Shapes as `sparse_descriptor_loss`. With the geometry of the module docstring, anchor cell a of the
     image and cell t of the warped image are a positive pair when the warped centre of a lies within
@@ -269,7 +273,7 @@ def dense_descriptor_loss(desc: torch.Tensor, warped_desc: torch.Tensor, homogra
 # image -> warped image, warped_valid_mask (B, 1, H, W)) -> (loss scalar fp32, {name: scalar} stats).
 DescriptorLoss = Callable[..., tuple]
 
-# `model.sparse_loss.params` / `model.dense_loss.params` (reference-spec 2.6). The weight of the
+# `model.sparse_loss.params` / `model.dense_loss.params`, the keys of the reference's configs. The weight of the
 # positive term is `lambda_d`; the reference's configs spell it `lamda_d` for the sparse loss, and
 # either spelling is accepted for both losses.
 sparse_loss_defaults = {
@@ -297,19 +301,7 @@ def _lambda_d(params: Mapping, default: float, key: str, source: str) -> float:
     if len(values) == 2 and values["lambda_d"] != values["lamda_d"]:
         raise ConfigError(f"{source}: '{key}.lambda_d' ({values['lambda_d']}) and its reference spelling "
                           f"'{key}.lamda_d' ({values['lamda_d']}) disagree; give one of them")
-    value = next(iter(values.values()), default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ConfigError(f"{source}: '{key}.lambda_d' is {value!r}; expected a number >= 0")
-    return float(value)
-
-
-def _positive(params: Mapping, name: str, key: str, source: str, integer: bool = True, allow_zero: bool = False):
-    value = params[name]
-    kind = int if integer else (int, float)
-    if not isinstance(value, kind) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{source}: '{key}.{name}' is {value!r}; expected a "
-                          f"{'positive integer' if integer else 'number >= 0' if allow_zero else 'positive number'}")
-    return value
+    return check_number(next(iter(values.values()), default), f"{key}.lambda_d", source, low=0, example=default)
 
 
 def get_descriptor_loss(model_conf: Mapping, source: str = "config") -> Optional[DescriptorLoss]:
@@ -330,18 +322,23 @@ def get_descriptor_loss(model_conf: Mapping, source: str = "config") -> Optional
         check_choice(p["method"], ("2d",), key + ".method", source)
         return functools.partial(
             sparse_descriptor_loss,
-            num_matching_attempts=_positive(p, "num_matching_attempts", key, source),
-            num_masked_non_matches_per_match=_positive(p, "num_masked_non_matches_per_match", key, source),
+            num_matching_attempts=check_int(p["num_matching_attempts"], f"{key}.num_matching_attempts", source,
+                                            minimum=1, example=1000),
+            num_masked_non_matches_per_match=check_int(p["num_masked_non_matches_per_match"],
+                                                       f"{key}.num_masked_non_matches_per_match", source,
+                                                       minimum=1, example=100),
             lambda_d=_lambda_d(p, SPARSE_LAMBDA_D, key, source),
-            min_negative_distance=float(_positive(p, "min_negative_distance", key, source, False, True)))
+            min_negative_distance=check_number(p["min_negative_distance"], f"{key}.min_negative_distance", source,
+                                               low=0, example=2.0))
     if dense.get("enable"):
         key = "model.dense_loss.params"
         p = merge(dense_loss_defaults, dense.get("params"), source=source, prefix=key + ".")
         return functools.partial(
             dense_descriptor_loss,
-            descriptor_dist=float(_positive(p, "descriptor_dist", key, source, False)),
+            descriptor_dist=check_positive(p["descriptor_dist"], f"{key}.descriptor_dist", source, example=4),
             lambda_d=_lambda_d(p, DENSE_LAMBDA_D, key, source),
-            max_pairs_per_chunk=_positive(p, "max_pairs_per_chunk", key, source))
+            max_pairs_per_chunk=check_int(p["max_pairs_per_chunk"], f"{key}.max_pairs_per_chunk", source,
+                                          minimum=1, example=2 ** 20))
     raise ConfigError(
         f"{source}: model.lambda_loss is {model_conf['lambda_loss']} but no descriptor loss is enabled: set "
         f"model.sparse_loss.enable or model.dense_loss.enable to true, or model.lambda_loss: 0 to train the "

@@ -1,11 +1,12 @@
-"""HPatches metrics (reference-spec sections 7.2-7.5): repeatability, localisation error, homography
+"""HPatches metrics, as the reference's evaluation scripts define them: repeatability, localisation error, homography
 estimation correctness, matching score and nearest-neighbour mAP.
 
 Pure numpy functions on one image pair. Points are (x, y) pixels in the project's convention
 (utils/geometry.py); `shape` is the (H, W) of the images; `homography` is the (3, 3) pixel homography
 mapping image 1 to image 2. A point is *visible* in an image when it falls in [0, W) x [0, H) (the
-reference's filter). Two metrics had buggy definitions in the reference (reference-spec section 0,
-row 14); the correct ones are the plain functions here and the reference's are the `*_compat` ones.
+reference's filter). Two metrics had buggy definitions in the reference (the matching score used
+(y, x)-swapped points; the NN mAP labelled matches by RANSAC inliers); the correct ones are the plain
+functions here and the reference's are the `*_compat` ones, which keep its published table comparable.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class Repeatability(NamedTuple):
 
 def repeatability(points1: np.ndarray, points2: np.ndarray, homography: np.ndarray, shape,
                   keep_k_points: int = 1000, distance_thresh: float = 3) -> Repeatability:
-    """Repeatability and localisation error of two detections (reference-spec 7.2).
+    """Repeatability and localisation error of two detections (the reference's compute_repeatability).
 
     points1: (N1, 2|3) and points2: (N2, 2|3), x, y[, score]. Each set is restricted to the points
     visible in the other image, then to its `keep_k_points` best by score; points1 are mapped into
@@ -111,7 +112,7 @@ def estimate_homography(src: np.ndarray, dst: np.ndarray, reproj_thresh: float =
 
 def corner_error(h_estimated: np.ndarray, h_true: np.ndarray, shape) -> float:
     """Mean distance between the 4 image corners (pixel centres (0, 0), (0, H-1), (W-1, 0),
-    (W-1, H-1)) mapped by the estimated and by the true homography (reference-spec 7.3)."""
+    (W-1, H-1)) mapped by the estimated and by the true homography (the reference's compute_homography)."""
     h, w = shape
     corners = np.array([[0, 0], [0, h - 1], [w - 1, 0], [w - 1, h - 1]], dtype=np.float64)
     diff = warp_points_np(corners, h_estimated) - warp_points_np(corners, h_true)
@@ -155,7 +156,7 @@ def matching_score(points1: np.ndarray, points2: np.ndarray, matches: Matches, h
 
 def matching_score_compat(n_inliers: int, points1: np.ndarray, points2: np.ndarray, homography: np.ndarray,
                           shape) -> float:
-    """The reference's matching score (reference-spec 7.4), bugs included.
+    """The reference's matching score, bugs included.
 
     2 * n_inliers (RANSAC inliers of the cross-check matches) / (N1 + N2_back), where N1 counts every
     point of image 1 and N2_back the points of image 2 that, (y, x)-swapped, truncated to integers

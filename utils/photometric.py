@@ -1,4 +1,4 @@
-"""Photometric augmentation (reference-spec section 3.1), in numpy / OpenCV, float32 throughout.
+"""Photometric augmentation with the reference's primitives and parameters, in numpy / OpenCV, float32 throughout.
 
 Images are (H, W) float32 in [0, 1]. The configs give intensities in the reference's 0-255 units
 (`max_abs_change: 75`, `stddev_range: [0, 15]`); they are divided by 255 here, and every primitive
@@ -12,7 +12,7 @@ gives one result. `PhotometricAugmentation(conf)` applies the configured primiti
   PyTorch reference always used a fixed order);
 * `params.<primitive>`: that primitive's parameters, merged over the defaults below.
 
-Departures from the PyTorch reference (reference-spec section 0 row 7): `motion_blur` is a real
+Departures from the PyTorch reference (which also needed imgaug and TensorFlow): `motion_blur` is a real
 motion blur for any `max_kernel_size` (the reference appended the speckle noise again for sizes
 other than 3); `additive_shade` is one primitive among the others, ordered like them (the reference
 always applied it last); contrast pivots on the image mean (TF's `random_contrast`).

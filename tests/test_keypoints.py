@@ -130,6 +130,21 @@ def test_extract_keypoints_sorting_topk_and_batches():
     assert empty[0][0].shape == (0, 2) and empty[0][1].shape == (0,)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_extract_keypoints_equals_border_removal_after_nms(seed):
+    # extract_keypoints filters the NMS points by coordinates; the mask path (nms, then remove_borders)
+    # is the independent expectation. A point in the border still suppresses its neighbours inside.
+    rng = np.random.default_rng(seed)
+    heat = torch.from_numpy(rng.random((2, 48, 64)).astype(np.float32) ** 3)
+    heat[0, 2, 2], heat[0, 5, 5] = 2.0, 1.5  # (5, 5) is inside, but within radius 4 of the border point
+    out = extract_keypoints(heat, threshold=0.2, nms_radius=4, border=4)
+    mask = remove_borders(nms(heat, 4, 0.2), 4)
+    for b in range(2):
+        assert set(map(tuple, out[b][0].long().tolist())) == mask_to_set(mask[b])
+        assert torch.all(out[b][1][:-1] >= out[b][1][1:])
+    assert (5, 5) not in set(map(tuple, out[0][0].long().tolist()))
+
+
 def test_sample_descriptors_at_cell_centres_and_between():
     # Cell (i, j) describes pixel (8j + 3.5, 8i + 3.5): at that point the sample equals the cell's vector.
     desc = torch.zeros(1, 2, 2, 3)

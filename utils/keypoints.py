@@ -30,19 +30,6 @@ def heatmap_to_cells(heatmap: torch.Tensor) -> torch.Tensor:
     return F.pixel_unshuffle(heatmap[:, None], CELL)
 
 
-def _priority(heatmap: torch.Tensor) -> torch.Tensor:
-    """A float64 map with the order of the scores in which ties are broken by raster index (the lower
-    index first), so that every candidate has a distinct priority.
-
-    Distinct float32 scores differ by at least 2^-24 of their value; the tie-break term is at most
-    2^-26 of it, so it never reorders distinct scores, and it stays resolvable in float64 for images
-    of up to 2^26 pixels.
-    """
-    b, h, w = heatmap.shape
-    index = torch.arange(h * w, device=heatmap.device, dtype=torch.float64).reshape(1, h, w)
-    return heatmap.double() * (1 + 2.0 ** -26 * (1 - index / (h * w)))
-
-
 def nms(heatmap: torch.Tensor, radius: int, threshold: float) -> torch.Tensor:
     """Greedy non-maximum suppression, exactly as MagicLeap's `nms_fast`, as batched tensor code.
 
@@ -53,35 +40,43 @@ def nms(heatmap: torch.Tensor, radius: int, threshold: float) -> torch.Tensor:
 
     Algorithm: a candidate that is the highest undecided one within its window is kept by the greedy
     order (every higher candidate near it is already decided and none of them was kept, else it would
-    have been suppressed); kept points then suppress their windows. Repeat until nothing is undecided.
-    Work is done on the candidates only: each gathers its window from padded flat maps, so the cost is
-    O(candidates x window) per round, and real heatmaps need 2-4 rounds.
+    have been suppressed); kept points then suppress their windows. Repeat with the candidates still
+    undecided (real heatmaps need 2-4 rounds, most candidates are decided in the first). Priorities are
+    the integer ranks of the visiting order, so ties need no float tricks; each candidate reads its
+    window through a strided (B, H, W, S, S) view of the padded maps, so no (K, S) index is built.
     """
-    candidates = heatmap >= threshold
+    keep = torch.zeros_like(heatmap, dtype=torch.bool)
+    keep[nms_points(heatmap, radius, threshold)] = True
+    return keep
+
+
+def nms_points(heatmap: torch.Tensor, radius: int, threshold: float
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The points `nms` keeps, as (batch index, y, x), each (N,) long, in raster order per image."""
+    bi, ys, xs = torch.nonzero(heatmap >= threshold, as_tuple=True)  # raster order within each image
     if radius <= 0:
-        return candidates
+        return bi, ys, xs
     b, h, w = heatmap.shape
-    hp, wp = h + 2 * radius, w + 2 * radius
-    bi, ys, xs = torch.nonzero(candidates, as_tuple=True)
-    position = bi * (hp * wp) + (ys + radius) * wp + (xs + radius)  # (K,) in the padded flat maps
-    span = torch.arange(-radius, radius + 1, device=heatmap.device)
-    window = (span[:, None] * wp + span[None, :]).reshape(-1)  # (S,) flat offsets of the window
-    neighbours = position[:, None] + window[None, :]  # (K, S)
-    priority = _priority(heatmap)[bi, ys, xs]
-    priority_map = torch.full((b * hp * wp,), float("-inf"), dtype=priority.dtype, device=heatmap.device)
-    priority_map[position] = priority
-    kept_map = torch.zeros(b * hp * wp, dtype=torch.bool, device=heatmap.device)
-    undecided = torch.ones_like(position, dtype=torch.bool)
-    while True:
-        new_keep = undecided & (priority >= priority_map[neighbours].amax(dim=1))
-        if not bool(new_keep.any()):
-            break
-        kept_map[position[new_keep]] = True
-        undecided &= ~kept_map[neighbours].any(dim=1)
-        priority_map[position[~undecided]] = float("-inf")
-    keep = torch.zeros(b * h * w, dtype=torch.bool, device=heatmap.device)
-    keep[(bi * h + ys) * w + xs] = kept_map[position]
-    return keep.reshape(b, h, w)
+    side, hp, wp = 2 * radius + 1, h + 2 * radius, w + 2 * radius
+    order = torch.sort(heatmap[bi, ys, xs], descending=True, stable=True).indices
+    priority = torch.empty(len(bi), dtype=torch.int32, device=heatmap.device)  # K (first visited) .. 1
+    priority[order] = torch.arange(len(bi), 0, -1, dtype=torch.int32, device=heatmap.device)
+    priority_map = heatmap.new_zeros((b, hp, wp), dtype=torch.int32)  # 0: no undecided candidate
+    priority_map[bi, ys + radius, xs + radius] = priority
+    suppressed = heatmap.new_zeros((b, hp, wp), dtype=torch.bool)
+    windows = (b, h, w, side, side), (hp * wp, wp, 1, wp, 1)  # window of pixel (y, x) in a padded map
+    priority_windows, suppressed_windows = priority_map.as_strided(*windows), suppressed.as_strided(*windows)
+    undecided, kept = torch.arange(len(bi), device=heatmap.device), []
+    while len(undecided):
+        ub, uy, ux = bi[undecided], ys[undecided], xs[undecided]
+        new = priority[undecided] == priority_windows[ub, uy, ux].flatten(1).amax(dim=1)
+        kept.append(undecided[new])
+        suppressed_windows[ub[new], uy[new], ux[new]] = True
+        decided = suppressed[ub, uy + radius, ux + radius]  # kept points are in their own window
+        priority_map[ub[decided], uy[decided] + radius, ux[decided] + radius] = 0
+        undecided = undecided[~decided]
+    kept = torch.sort(torch.cat(kept)).values if kept else undecided
+    return bi[kept], ys[kept], xs[kept]
 
 
 def remove_borders(mask: torch.Tensor, border: int) -> torch.Tensor:
@@ -126,8 +121,10 @@ def extract_keypoints(heatmap: torch.Tensor, threshold: float, nms_radius: int, 
     Returns a list of B pairs (keypoints (N, 2) float32 x, y; scores (N,) float32), sorted by
     decreasing score.
     """
-    mask = remove_borders(nms(heatmap, nms_radius, threshold), border)
-    b_idx, ys, xs = torch.nonzero(mask, as_tuple=True)
+    b_idx, ys, xs = nms_points(heatmap, nms_radius, threshold)
+    if border > 0:  # after NMS, as `remove_borders` on the mask: points near the edge still suppress
+        inside = (xs >= border) & (xs < heatmap.shape[2] - border) & (ys >= border) & (ys < heatmap.shape[1] - border)
+        b_idx, ys, xs = b_idx[inside], ys[inside], xs[inside]
     scores = heatmap[b_idx, ys, xs].float()
     # Order by image, then by decreasing score (two stable sorts).
     order = torch.sort(scores, descending=True, stable=True).indices

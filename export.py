@@ -4,18 +4,22 @@ Tasks
   export_descriptor           HPatches keypoints, descriptors and matches -> EXPER_PATH/<exper>/predictions/<i>.npz
   export_detector_homoAdapt   homography-adaptation labels -> EXPER_PATH/<exper>/predictions/<split>/<image>.npz
   export_features             features of every image of a folder -> EXPER_PATH/<exper>/features.h5 (hloc layout)
+  export_onnx                 the network as ONNX (dynamic batch, height, width) -> EXPER_PATH/<exper>/superpoint.onnx
 `python export.py <task> --help` lists the flags of a task.
 """
 import argparse
 import importlib
 import sys
 
+from utils import precision
 from utils.cli import exit_on_error, setup_logging
+from utils.config import load_yaml
 
 TASKS = {
     "export_descriptor": "pipeline.export_descriptor",
     "export_detector_homoAdapt": "pipeline.homography_adaptation_export",
     "export_features": "pipeline.export_features",
+    "export_onnx": "pipeline.export_onnx",
 }
 
 
@@ -35,11 +39,26 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="DEBUG logging")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None,
                         help="network precision (overrides model.precision)")
+    parser.add_argument("--threads", type=threads_arg, default=None,
+                        help="CPU threads: N or auto (overrides model.threads; auto leaves the cores other "
+                             "processes use free)")
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     args.task = task
     setup_logging(args.debug)
+    threads = args.threads or (load_yaml(args.config).get("model") or {}).get("threads", "auto")
+    precision.set_threads(threads, key="--threads" if args.threads else f"{args.config}: model.threads")
     module.run(args)
+
+
+def threads_arg(value: str):
+    """--threads: a positive integer or 'auto'."""
+    if value == "auto":
+        return value
+    try:
+        return precision.check_threads(int(value), "--threads")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a positive integer nor 'auto'") from None
 
 
 if __name__ == "__main__":

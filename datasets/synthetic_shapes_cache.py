@@ -25,7 +25,6 @@ import fcntl
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -36,6 +35,7 @@ from tqdm import tqdm
 
 from datasets.synthetic_shapes import GENERATOR_VERSION, PRIMITIVES, SPLITS, ShapesSettings, render_sample, \
     shapes_settings, split_samples
+from utils import precision
 from utils.io import DataError, load_npz, save_npz, write_json
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ def ensure_cache(data_path, settings, workers: int | None = None, splits=("train
 
     Images already there are reused when the manifest's generation parameters equal the settings'; a
     cache made with other parameters (or by other code) is deleted and regenerated, with a warning.
-    workers: processes (default: the usable CPU cores); the images do not depend on it.
+    workers: processes (default: the usable CPU cores not busy with other processes,
+    utils.precision.auto_threads); the images do not depend on it.
     """
     s = shapes_settings(settings)
     for split in splits:
@@ -185,7 +186,7 @@ def ensure_cache(data_path, settings, workers: int | None = None, splits=("train
 
 
 def _run(tasks: list, cache: Path, settings: ShapesSettings, workers: int | None) -> None:
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or precision.auto_threads()
     total = sum(stop - start for _, _, start, stop in tasks)
     log.info("synthetic shapes: generating %d images into %s with %d process(es)", total, cache, workers)
     jobs = [(cache, settings, *task) for task in tasks]

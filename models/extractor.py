@@ -31,6 +31,7 @@ default_conf = {
     "nn_thresh": 0.7,
     "precision": "fp32",
     "channels_last": "auto",  # true, false, or auto (see utils.precision.use_channels_last)
+    "threads": "auto",  # CPU threads of the export commands: N or auto (utils.precision.set_threads)
 }
 
 

@@ -104,6 +104,7 @@ default_conf = {
         "workers_test": IGNORED,
         "precision": "fp32",  # fp32 | bf16 | fp16 | auto (utils.precision)
         "channels_last": "auto",  # true | false | auto (utils.precision.use_channels_last)
+        "threads": "auto",  # CPU threads per process: N | auto (utils.precision.set_threads)
         "nan_patience": 10,  # consecutive non-finite losses that stop the run
         # Step schedule: the learning rate is multiplied by lr_decay at each iteration listed (none: constant).
         "lr_milestones": [],
@@ -207,6 +208,10 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(f"{self.source}: training.precision: {e}") from e
         self.net = self.backend.net
+        try:
+            precision_lib.set_threads(tconf["threads"], workers=tconf["workers_train"], key="training.threads")
+        except ValueError as e:
+            raise ConfigError(f"{self.source}: {e}") from e
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=mconf["learning_rate"])
         self.scaler = precision_lib.grad_scaler(tconf["precision"], self.device)
         self.loss_type = mconf["detector_loss"]["loss_type"]

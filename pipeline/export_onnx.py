@@ -11,8 +11,8 @@ they are data-dependent loops that the ONNX graph would run slowly or not at all
 
 The file is validated before it is moved into place: ONNX's checker, then ONNX Runtime against PyTorch
 on a real photograph (--image, default scikit-image's `camera`) at 240x320 and 480x640 (so the dynamic
-axes are exercised): the maximum heatmap difference must be <= 1e-4 and the keypoints (model.nms,
-model.detection_threshold, model.remove_borders) the same points (two scores within ~1e-7 may swap
+axes are exercised): the maximum heatmap difference must be <= 1e-4 and the keypoints (the config's
+detection_threshold, nms, remove_borders, top_k; integer positions) the same points (two scores within ~1e-7 may swap
 their rank), else the export fails and writes nothing.
 export_onnx.json records the differences, the versions and the settings.
 """
@@ -32,8 +32,9 @@ from torch import nn
 import settings
 from models import extractor as extractor_lib
 from utils.config import ConfigError, dump_config, load_yaml, merge
-from utils.io import DataError, read_image, write_json
-from utils.keypoints import extract_keypoints, logits_to_heatmap
+from utils.images import read_image
+from utils.io import DataError, write_json
+from utils.keypoints import logits_to_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def validation_image(path: str | None) -> np.ndarray:
 
 def compare(net: nn.Module, session, image: np.ndarray, heatmap_output: bool, model: dict) -> dict:
     """ONNX Runtime vs PyTorch (fp32) at each validation size: max differences, keypoint agreement."""
-    rows = []
+    rows, pixels = [], {**model, "subpixel": {**model["subpixel"], "enable": False}}  # compared exactly
     for h, w in VALIDATION_SIZES:
         x = torch.from_numpy(cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA).astype(np.float32) / 255)
         x = x[None, None]
@@ -103,9 +104,8 @@ def compare(net: nn.Module, session, image: np.ndarray, heatmap_output: bool, mo
         first, desc = session.run(output_names(heatmap_output), {"image": x.numpy()})
         got_heat = torch.from_numpy(first) if heatmap_output else logits_to_heatmap(torch.from_numpy(first))
         ref_heat = logits_to_heatmap(ref["semi"])
-        settings_ = dict(threshold=model["detection_threshold"], nms_radius=model["nms"], border=model["remove_borders"])
-        ref_kp = extract_keypoints(ref_heat, **settings_)[0][0]
-        got_kp = extract_keypoints(got_heat, **settings_)[0][0]
+        ref_kp = extractor_lib.keypoints_from_heatmap(ref_heat, pixels)[0][0]
+        got_kp = extractor_lib.keypoints_from_heatmap(got_heat, pixels)[0][0]
         rows.append({"size": [h, w], "max_heatmap_difference": float((got_heat - ref_heat).abs().max()),
                      "max_descriptor_difference": float(np.abs(desc - ref["desc"].numpy()).max()),
                      "keypoints": len(ref_kp), "identical_keypoints": same_points(ref_kp, got_kp)})

@@ -4,8 +4,9 @@ Reads the `<i>.npz` written by `export.py export_descriptor` (or export_classica
 result.txt, result.npz and result.json into the same folder (see utils/evaluation.py).
 """
 import argparse
+import sys
 
-from utils.cli import exit_on_error, setup_logging
+from utils.cli import EXIT_ENVIRONMENT, exit_on_error, setup_logging
 from utils.evaluation import evaluate_predictions, headline_table
 
 
@@ -39,6 +40,9 @@ def main(argv=None):
     print(f"pairs evaluated: {results['n_pairs']}, files failed: {results['n_failed']}, "
           f"homography failures: {results['n_homography_failed']}")
     print(headline_table(results))
+    if results["not_written"]:
+        print(f"error: the results above could not be written: {results['not_written']}", file=sys.stderr)
+        sys.exit(EXIT_ENVIRONMENT)
 
 
 if __name__ == "__main__":

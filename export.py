@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from utils import precision
+from utils import runs
 from utils.cli import exit_on_error, setup_logging
 from utils.config import load_yaml
 
@@ -42,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=threads_arg, default=None,
                         help="CPU threads: N or auto (overrides model.threads; auto leaves the cores other "
                              "processes use free)")
+    runs.add_arguments(parser)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     args.task = task

@@ -11,6 +11,7 @@ from datasets.patches_dataset import PatchesDataset
 from models.classical import ratio_test_matches, sift_features
 from pipeline.export_descriptor import export_pairs, load_export_config, prepare_output
 from utils.cli import exit_on_error, setup_logging
+from utils import runs
 from utils.config import check_choice
 
 
@@ -28,16 +29,18 @@ def main(argv=None):
     parser.add_argument("config")
     parser.add_argument("exper_name")
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="overrides data.preprocessing.resize")
-    parser.add_argument("--resume", action="store_true", help="keep predictions that already exist")
+    runs.add_arguments(parser)
     parser.add_argument("--correspondence", action="store_true", help="accepted for compatibility; unused")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     conf = load_export_config(args.config, resize=args.resize)
     check_choice(conf["model"]["method"], ("sift",), "model.method", args.config)
-    predictions = prepare_output(args.exper_name, conf)
     dataset = PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)
-    summary = export_pairs(dataset, describe_pair, predictions, resume=args.resume)
+    predictions, plan = prepare_output(args.exper_name, conf, "export_classical", args.resume, args.overwrite)
+    summary = export_pairs(dataset, describe_pair, predictions, resume=plan.mode == "resume",
+                           max_bad_fraction=args.max_bad_fraction)
+    plan.update(bad_items={"count": summary["n_failed"], "items": summary["failed"]})
     print(f"exported {summary['n_written']} pairs to {predictions} ({summary['n_failed']} failed)")
 
 

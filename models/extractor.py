@@ -172,6 +172,8 @@ class SuperPointExtractor(nn.Module):
         """
         grey = to_grey(images)
         height, width = grey.shape[-2:]
+        if height < 8 or width < 8:
+            raise ValueError(f"images of size {height}x{width} are too small: the network needs at least 8x8")
         check_image_size(height // 8 * 8, width // 8 * 8, f"images of size {height}x{width}")
         pred = self.forward(grey[..., :height // 8 * 8, :width // 8 * 8])
         batch, n = grey.shape[0], max((len(k) for k in pred["keypoints"]), default=0)

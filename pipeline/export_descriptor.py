@@ -22,6 +22,7 @@ import settings
 from datasets import patches_dataset
 from models import extractor as extractor_lib
 from utils import homography_adaptation as ha
+from utils import runs
 from utils.config import IGNORED, OPEN, combine, dump_config, load_config
 from utils.distributed import default_device
 from utils.io import DataError, save_npz, write_json
@@ -54,7 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detection-threshold", type=float, help="overrides model.detection_threshold")
     parser.add_argument("--top-k", type=int, help="keep the k best points per image (overrides model.top_k)")
     parser.add_argument("--weights", help="weights file (overrides model.pretrained / pretrained)")
-    parser.add_argument("--resume", action="store_true", help="keep predictions that already exist")
     parser.add_argument("--correspondence", action="store_true", help="accepted for compatibility; unused")
 
 
@@ -68,45 +68,71 @@ def load_export_config(path: str | Path, weights=None, resize=None, **model_keys
     return extractor_lib.apply_overrides(conf, weights, **model_keys)
 
 
-def prepare_output(exper_name: str, conf: Mapping) -> Path:
+# What the export writes into predictions/ (and --overwrite removes), evaluation's results included.
+OUTPUTS = ("[0-9]*.npz", "index.json", "export.json", "result.txt", "result.npz", "result.json",
+           "repeatibility*", "warping", "matching")
+
+
+def prepare_output(exper_name: str, conf: Mapping, task: str, resume: bool = False, overwrite: bool = False):
+    """(predictions folder, utils.runs.RunPlan): refuses a folder holding another configuration's
+    predictions (see utils.runs); the plan is applied (stale outputs removed, run.json written)."""
     exper_dir = Path(settings.EXPER_PATH) / exper_name
     predictions = exper_dir / "predictions"
-    predictions.mkdir(parents=True, exist_ok=True)
+    record = runs.make_record(task, conf, conf["model"].get("pretrained"))
+    plan = runs.plan_run(predictions, record, OUTPUTS, resume=resume, overwrite=overwrite,
+                         may_change=("training",), implicit_resume=True)
+    plan.apply()
     dump_config(exper_dir / "config.yml", conf)
-    return predictions
+    return predictions, plan
 
 
-def export_pairs(dataset, describe_pair: Callable[[dict], dict], predictions: Path, resume: bool = False) -> dict:
+def export_pairs(dataset, describe_pair: Callable[[dict], dict], predictions: Path, resume: bool = False,
+                 max_bad_fraction: float = runs.DEFAULT_MAX_BAD_FRACTION) -> dict:
     """Run `describe_pair(sample) -> {npz key: array}` on every pair and write `<i>.npz` atomically.
 
-    A pair that cannot be read or described is reported and counted; the others go on.
+    A pair that cannot be read or described is reported and counted (its file, if an earlier run left
+    one, is removed); the others go on. `index.json` lists exactly the files of this export, which is
+    what evaluation reads; on Ctrl-C / SIGTERM it and `export.json` are written for the pairs done.
     Returns the counts written to export.json.
     """
-    index, failed, skipped = [], [], 0
-    for i in tqdm(range(len(dataset)), desc="export", unit="pair"):
-        pair = dataset.pairs[i]
-        index.append({"index": i, "name": pair["name"], "image": str(pair["image"]),
-                      "warped_image": str(pair["warped_image"]), "homography": str(pair["homography"])})
-        path = predictions / f"{i}.npz"
-        if resume and path.exists():
-            skipped += 1
-            continue
-        try:
-            sample = dataset[i]
-            arrays = describe_pair(sample)
-        except DataError as e:
-            log.error("pair %d (%s) failed: %s", i, pair["name"], e)
-            failed.append({"index": i, "name": pair["name"], "error": str(e)})
-            continue
-        save_npz(path, image=sample["image"][0].numpy(), warped_image=sample["warped_image"][0].numpy(),
-                 homography=sample["homography"].numpy().astype(np.float64), **arrays)
+    index, kept = [], 0
+    bad = runs.BadItems(len(dataset), max_bad_fraction, "pairs")
+    try:
+        for i in tqdm(range(len(dataset)), desc="export", unit="pair"):
+            pair = dataset.pairs[i]
+            entry = {"index": i, "file": f"{i}.npz", "name": pair["name"], "image": str(pair["image"]),
+                     "warped_image": str(pair["warped_image"]), "homography": str(pair["homography"])}
+            path = predictions / entry["file"]
+            if resume and path.exists():
+                index.append(entry)
+                kept += 1
+                continue
+            try:
+                sample = dataset[i]
+                arrays = describe_pair(sample)
+            except DataError as e:
+                path.unlink(missing_ok=True)
+                bad.add(f"pair {i} ({pair['name']})", str(e))
+                continue
+            save_npz(path, image=sample["image"][0].numpy(), warped_image=sample["warped_image"][0].numpy(),
+                     homography=sample["homography"].numpy().astype(np.float64), **arrays)
+            index.append(entry)
+    except (KeyboardInterrupt, runs.TooManyBadItems):
+        _write_index(predictions, dataset, index, bad, kept, interrupted=True)
+        raise
+    summary = _write_index(predictions, dataset, index, bad, kept, interrupted=False)
+    if bad:
+        log.warning("%d of %d pairs failed (listed in %s)", len(bad), len(dataset), predictions / "export.json")
+    return summary
+
+
+def _write_index(predictions: Path, dataset, index: list, bad, kept: int, interrupted: bool) -> dict:
     write_json(predictions / "index.json", index)
-    summary = {"n_pairs": len(dataset), "n_written": len(dataset) - len(failed) - skipped,
-               "n_kept_existing": skipped, "n_failed": len(failed), "failed": failed,
+    failed = [{"name": name, "error": error} for name, error in bad.items.items()]
+    summary = {"n_pairs": len(dataset), "n_written": len(index) - kept, "n_kept_existing": kept,
+               "n_failed": len(failed), "failed": failed, "complete": not interrupted,
                "skipped_missing_files": [{"name": n, "missing": m} for n, m in dataset.skipped]}
     write_json(predictions / "export.json", summary)
-    if failed:
-        log.warning("%d of %d pairs failed (listed in %s)", len(failed), len(dataset), predictions / "export.json")
     return summary
 
 
@@ -135,15 +161,16 @@ def superpoint_describer(extractor: extractor_lib.SuperPointExtractor, nn_thresh
 def run(args) -> dict:
     conf = load_export_config(args.config, args.weights, args.resize, nms=args.nms, top_k=args.top_k,
                               detection_threshold=args.detection_threshold, precision=args.precision)
-    predictions = prepare_output(args.exper_name, conf)
     dataset = patches_dataset.PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)
     extractor = extractor_lib.SuperPointExtractor(
         {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=default_device())
+    predictions, plan = prepare_output(args.exper_name, conf, args.task, args.resume, args.overwrite)
     log.info("exporting %d pairs of %s with %s (%s) to %s", len(dataset), dataset.root,
              conf["model"]["name"], conf["model"]["pretrained"] or "random weights", predictions)
     adapt = _adaptation(conf, extractor)
     summary = export_pairs(dataset, superpoint_describer(extractor, conf["model"]["nn_thresh"], adapt),
-                           predictions, resume=args.resume)
+                           predictions, resume=plan.mode == "resume", max_bad_fraction=args.max_bad_fraction)
+    plan.update(bad_items={"count": summary["n_failed"], "items": summary["failed"]})
     print(f"exported {summary['n_written']} pairs to {predictions} ({summary['n_failed']} failed)")
     return summary
 

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import settings
 from models import extractor as extractor_lib
+from utils import runs
 from utils.config import dump_config, load_config, require
 from utils.distributed import default_device
 from utils.geometry import scale_homography, warp_points
@@ -50,6 +51,7 @@ from utils.io import DataError, write_json
 log = logging.getLogger(__name__)
 
 FEATURE_KEYS = ("keypoints", "scores", "descriptors", "image_size")
+OUTPUTS = ("features.h5", "features.h5.partial", "features.json")  # what --overwrite removes
 
 default_preprocessing = {"resize": None, "max_edge": None}
 
@@ -65,13 +67,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"),
                         help="network input size (overrides data.preprocessing)")
     parser.add_argument("--max-edge", type=int, help="longer side at most this (overrides data.preprocessing)")
-    parser.add_argument("--overwrite", action="store_true", help="re-extract images already in features.h5")
 
 
 def extract_file(extractor: extractor_lib.SuperPointExtractor, path: str | Path, preprocessing: Mapping) -> dict:
     """Features of one image file in hloc's layout (see the module doc), keypoints in original pixels."""
     grey = read_image(path)
     height, width = grey.shape
+    if min(height, width) < 8:
+        raise DataError(f"{path}: image of size {height}x{width} is too small (the network needs at least 8x8)")
     size = network_size(height, width, preprocessing)
     image = image_to_tensor(grey, size)[None]
     scale = (size[1] / width, size[0] / height)
@@ -123,13 +126,18 @@ def _open_partial(final: Path, partial: Path, overwrite: bool) -> h5py.File:
 
 
 def export_folder(extractor: extractor_lib.SuperPointExtractor, root: Path, output: Path,
-                  preprocessing: Mapping, overwrite: bool = False) -> dict:
-    """Write the features of every image under `root` to `output` (hloc layout); returns the counts."""
+                  preprocessing: Mapping, overwrite: bool = False,
+                  max_bad_fraction: float = runs.DEFAULT_MAX_BAD_FRACTION) -> dict:
+    """Write the features of every image under `root` to `output` (hloc layout); returns the counts.
+
+    Unreadable or too small images are skipped and counted; more than `max_bad_fraction` of them stops
+    the export (runs.TooManyBadItems) with what was extracted kept in the partial file."""
     images = list_images(root, IMAGE_SUFFIXES, recursive=True)
     if not images:
         raise DataError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)} files, subfolders included)")
     partial = output.with_name(output.name + ".partial")
-    written, kept, failed = 0, 0, []
+    written, kept = 0, 0
+    bad = runs.BadItems(len(images), max_bad_fraction, "images")
     with _open_partial(output, partial, overwrite) as h5:
         for path in tqdm(images, desc="features", unit="image"):
             name = path.relative_to(root).as_posix()
@@ -139,8 +147,7 @@ def export_folder(extractor: extractor_lib.SuperPointExtractor, root: Path, outp
             try:
                 features = extract_file(extractor, path, preprocessing)
             except DataError as e:
-                log.error("skipped an image: %s", e)
-                failed.append({"image": name, "error": str(e)})
+                bad.add(name, str(e))
                 continue
             if name in h5:  # an incomplete group left by a crash
                 del h5[name]
@@ -150,21 +157,25 @@ def export_folder(extractor: extractor_lib.SuperPointExtractor, root: Path, outp
             h5.flush()
             written += 1
     os.replace(partial, output)
-    return {"n_images": len(images), "n_written": written, "n_kept_existing": kept, "n_failed": len(failed),
-            "failed": failed}
+    return {"n_images": len(images), "n_written": written, "n_kept_existing": kept, "n_failed": len(bad),
+            "failed": [{"image": name, "error": error} for name, error in bad.items.items()]}
 
 
 def run(args) -> dict:
     conf = load_features_config(args.config, args.weights, args.resize, args.max_edge, args.precision)
     root = resolve_path(conf["data"]["root"], "root", Path(settings.DATA_PATH), args.config)
     exper_dir = Path(settings.EXPER_PATH) / args.exper_name
-    exper_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(exper_dir / "config.yml", conf)
     extractor = extractor_lib.SuperPointExtractor(conf["model"], device=default_device())
+    plan = runs.plan_run(exper_dir, runs.make_record("export_features", conf, conf["model"]["pretrained"]), OUTPUTS,
+                         resume=args.resume, overwrite=args.overwrite, implicit_resume=True)
+    plan.apply()
+    dump_config(exper_dir / "config.yml", conf)
     output = exper_dir / "features.h5"
     log.info("exporting features of %s with %s (%s) to %s", root, conf["model"]["name"],
              conf["model"]["pretrained"] or "random weights", output)
-    summary = export_folder(extractor, root, output, conf["data"]["preprocessing"], overwrite=args.overwrite)
+    summary = export_folder(extractor, root, output, conf["data"]["preprocessing"], overwrite=args.overwrite,
+                            max_bad_fraction=args.max_bad_fraction)
+    plan.update(bad_items={"count": summary["n_failed"], "items": summary["failed"]})
     summary.update({"root": str(root), "weights": conf["model"]["pretrained"],
                     "preprocessing": conf["data"]["preprocessing"]})
     write_json(exper_dir / "features.json", summary)

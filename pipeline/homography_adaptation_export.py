@@ -8,9 +8,12 @@ EXPER_PATH/<exper>/predictions/<export_folder>/<name>.npz with `pts` (N, 3) floa
 sorted by score (KITTI: <drive>_<camera>/<frame>.npz), `<name>.png` overlays with --outputImg, and
 `export.txt` (model, settings, counts, seconds per image).
 
-Long runs: outputs that exist are kept (run the same command again to resume; files are written
-atomically, so an interrupted write never looks like an output), an unreadable image is reported and
-counted, and under `torchrun --nproc_per_node=K` each process takes every K-th image.
+Long runs: the output folder records the configuration that made it (run.json, utils.runs): the same
+command again completes an interrupted export, keeping the labels that exist (files are written
+atomically, so an interrupted write never looks like an output); another configuration is refused
+unless --overwrite (which removes the old labels first). An unreadable image is reported and counted
+(more than --max-bad-fraction of them stops the run); Ctrl-C or SIGTERM writes export.txt for what was
+done. Under `torchrun --nproc_per_node=K` each process takes every K-th image.
 """
 from __future__ import annotations
 
@@ -30,10 +33,11 @@ import settings
 from datasets import get_dataset_class
 from models import extractor as extractor_lib
 from utils import homography_adaptation as ha
+from utils import runs
 from utils.config import IGNORED, OPEN, ConfigError, combine, load_yaml, merge
 from utils.distributed import default_device, distributed_context, init_process_group
 from utils.draw import draw_keypoints
-from utils.io import DataError, save_image, save_npz, write_text
+from utils.io import DataError, remove_stale_temporaries, save_image, save_npz, write_text
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +87,6 @@ def image_rng(seed: int, name: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
-def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files of an interrupted atomic write of `path` (utils.io names them .<name>.*)."""
-    for tmp in path.parent.glob(f".{path.name}.*"):
-        tmp.unlink(missing_ok=True)
-
-
 def overlay(image: torch.Tensor, pts: np.ndarray) -> np.ndarray:
     """Keypoints (green) on the grey image (1, H, W) upscaled OVERLAY_SCALE times, as a BGR uint8 image."""
     grey = np.clip(np.rint(image[0].cpu().numpy() * 255), 0, 255).astype(np.uint8)
@@ -105,31 +103,37 @@ def label_image(image: torch.Tensor, extractor, ha_conf: Mapping, rng: np.random
 
 
 def export_split(dataset, extractor, ha_conf: Mapping, out_dir: Path, seed: int = 0, output_img: bool = False,
-                 rank: int = 0, world_size: int = 1) -> dict:
+                 rank: int = 0, world_size: int = 1, max_bad_fraction: float = runs.DEFAULT_MAX_BAD_FRACTION,
+                 counts: dict | None = None) -> dict:
     """Label this process's share of `dataset` (every world_size-th image from `rank`).
 
-    Returns counts {'images', 'written', 'existing', 'corrupt', 'points', 'seconds'} and 'corrupt_names'.
+    Returns counts {'images', 'written', 'existing', 'corrupt', 'points', 'seconds'} and 'corrupt_names'
+    (filled in `counts` as it goes, when given, so that an interrupted run can still report them).
+    Unreadable images are skipped and counted; more than `max_bad_fraction` of the share stops the run
+    (runs.TooManyBadItems).
     """
-    counts = {"images": 0, "written": 0, "existing": 0, "corrupt": 0, "points": 0, "seconds": 0.0}
-    corrupt = []
+    counts = counts if counts is not None else {}
+    counts.update({"images": 0, "written": 0, "existing": 0, "corrupt": 0, "points": 0, "seconds": 0.0,
+                   "corrupt_names": []})
     indices = range(rank, len(dataset), world_size)
+    bad = runs.BadItems(len(indices), max_bad_fraction, "images")
     bar = tqdm(indices, desc=f"homography adaptation [{rank}/{world_size}]" if world_size > 1 else
                "homography adaptation", unit="img")
     for index in bar:
         name = dataset.samples[index]["name"]
         target = out_dir / f"{name}.npz"
         counts["images"] += 1
+        remove_stale_temporaries(target)
         if target.exists():
             counts["existing"] += 1
             continue
-        remove_stale_temporaries(target)
         start = time.perf_counter()
         try:
             sample = dataset[index]
         except DataError as e:
-            log.error("skipping %s: %s", name, e)
-            corrupt.append(name)
             counts["corrupt"] += 1
+            counts["corrupt_names"].append(name)
+            bad.add(name, str(e))
             continue
         pts = label_image(sample["image"], extractor, ha_conf, image_rng(seed, name))
         # image_size lets training check that it uses the resize the labels were made at.
@@ -140,7 +144,6 @@ def export_split(dataset, extractor, ha_conf: Mapping, out_dir: Path, seed: int 
         counts["points"] += len(pts)
         counts["seconds"] += time.perf_counter() - start
         bar.set_postfix(s_per_img=f"{counts['seconds'] / counts['written']:.2f}", pts=len(pts))
-    counts["corrupt_names"] = corrupt
     return counts
 
 
@@ -187,6 +190,10 @@ def summary_text(conf: Mapping, counts: Mapping, dataset, world_size: int) -> st
     return "\n".join(lines) + "\n"
 
 
+# What the export writes into predictions/<export_folder>/ (and --overwrite removes).
+OUTPUTS = ("**/*.npz", "**/*.png", "export.txt")
+
+
 def run(args) -> dict:
     conf = load_adaptation_config(args.config, args.weights, args.precision)
     ctx = distributed_context()
@@ -197,25 +204,42 @@ def run(args) -> dict:
     out_dir = exper_dir / "predictions" / data["export_folder"]
     dataset = get_dataset_class(data["dataset"])(data, task=data["export_folder"], seed=conf["seed"],
                                                 data_path=settings.DATA_PATH, source=str(args.config))
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text(exper_dir / "config.yml", Path(args.config).read_text())  # the file as given, as the reference
     device = default_device(ctx)
     extractor = extractor_lib.SuperPointExtractor(
         {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=device)
+    # Every process decides (the same way); the first applies the decision before anyone writes.
+    record = runs.make_record("export_detector_homoAdapt", conf, conf["model"]["pretrained"])
+    plan = runs.plan_run(out_dir, record, OUTPUTS, resume=getattr(args, "resume", False),
+                         overwrite=getattr(args, "overwrite", False),
+                         may_change=("training",), implicit_resume=True)
+    if rank == 0:
+        plan.apply()
+        write_text(exper_dir / "config.yml", Path(args.config).read_text())  # the file as given, as the reference
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
     ha_conf = data["homography_adaptation"]
     log.info("homography adaptation of %d images (%s) with %d homographies, %s weights %s on %s -> %s",
              len(dataset), data["dataset"], ha_conf["num"], conf["model"]["name"], conf["model"]["pretrained"],
              device, out_dir)
-    counts = export_split(dataset, extractor, ha_conf, out_dir, seed=conf["seed"], output_img=args.outputImg,
-                          rank=rank, world_size=world_size)
+    counts: dict = {}
+    try:
+        export_split(dataset, extractor, ha_conf, out_dir, seed=conf["seed"], output_img=args.outputImg, rank=rank,
+                     world_size=world_size, counts=counts,
+                     max_bad_fraction=getattr(args, "max_bad_fraction", runs.DEFAULT_MAX_BAD_FRACTION))
+    except (KeyboardInterrupt, runs.TooManyBadItems) as e:
+        # What was labelled is on disk (atomic writes); the summary says how far the run got.
+        if rank == 0:
+            write_text(out_dir / "export.txt", summary_text(conf, counts, dataset, world_size)
+                       + f"stopped: {type(e).__name__} ({e}); rerun the same command to continue\n")
+        raise
     counts = _gather_counts(counts, world_size)
     if rank == 0:
         write_text(out_dir / "export.txt", summary_text(conf, counts, dataset, world_size))
+        plan.update(bad_items={"count": counts["corrupt"], "items": counts["corrupt_names"]})
         print(f"exported {counts['written']} images to {out_dir} ({counts['existing']} kept, "
               f"{counts['corrupt']} corrupt, {counts['seconds'] / max(counts['written'], 1):.2f} s/image)")
     if world_size > 1:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
     return counts

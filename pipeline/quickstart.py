@@ -118,7 +118,7 @@ def export_labels(run: Runner, budget: dict, magicpoint: Path) -> str:
     for split in ("train", "val"):
         conf["data"]["export_folder"] = split
         path = write_config(run.out, f"labels_{split}", conf)
-        run.script("labels", "export.py", "export_detector_homoAdapt", str(path), exper)
+        run.script("labels", "export.py", "export_detector_homoAdapt", str(path), exper, "--overwrite")
     return f"{exper}/predictions"
 
 
@@ -162,12 +162,12 @@ def evaluate(run: Runner, row: str, weights: Path | None, network: str = "SuperP
     if row == "sift":
         conf = load_yaml(REPO / "configs/classical_descriptors.yaml")
         path = write_config(run.out, f"eval_{row}", conf)
-        run.script("evaluation", "export_classical.py", "export_descriptor", str(path), exper)
+        run.script("evaluation", "export_classical.py", "export_descriptor", str(path), exper, "--overwrite")
     else:
         conf = load_yaml(REPO / "configs/magicpoint_repeatability_heatmap.yaml")
         conf["model"].update(name=network, pretrained=str(weights))
         path = write_config(run.out, f"eval_{row}", conf)
-        run.script("evaluation", "export.py", "export_descriptor", str(path), exper)
+        run.script("evaluation", "export.py", "export_descriptor", str(path), exper, "--overwrite")
     predictions = run.logs / exper / "predictions"
     flags = ["--repeatibility", "--homography"] + (["--sift"] if row == "sift" else [])
     if row == "trained":
@@ -210,13 +210,14 @@ def run_quickstart(out: Path, budget_name: str = "default", seed: int = 0) -> di
     run.timings["total"] = time.perf_counter() - start
 
     table = results_table(summary)
-    write_json(out / "summary.json", summary)
-    write_json(out / "timings.json", {k: round(v, 1) for k, v in run.timings.items()})
-    write_text(out / "table.md", table + "\n")
+    # Printed before anything is written: a disk that refuses the files does not hide the numbers.
     print(f"\nQuickstart: HPatches-style evaluation on {len(data['eval_sequences'])} built-in sequences "
           f"(240x320, NMS 4, threshold 0.015, top-k 1000; budget '{budget_name}')\n")
     print(table)
-    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()))
+    print("\nstage times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in run.timings.items()), flush=True)
+    write_json(out / "summary.json", summary)
+    write_json(out / "timings.json", {k: round(v, 1) for k, v in run.timings.items()})
+    write_text(out / "table.md", table + "\n")
     print(f"\nEverything is in {out}: summary.json, table.md, timings.json, configs/, logs/ (checkpoints, "
           f"predictions, figures), runs/ (tensorboard --logdir {out / 'runs'})")
     return summary

@@ -81,7 +81,7 @@ def test_sift_export_then_evaluation(exper):
     assert results["homography_correctness"]["5"] >= 0.5
 
 
-def test_protocol_switches_and_resume(exper, tmp_path, magicleap_weights):
+def test_protocol_switches_and_resume(exper, tmp_path, magicleap_weights, capsys):
     config = magicleap_config(tmp_path, magicleap_weights, truncate=4)
     export.main(["export_descriptor", str(config), "paper", "--resize", "480", "640", "--nms", "8",
                  "--top-k", "50", "--detection-threshold", "0.05"])
@@ -92,7 +92,14 @@ def test_protocol_switches_and_resume(exper, tmp_path, magicleap_weights):
     assert gaps.min() > 8 - 2 * 0.5 * 2  # NMS 8 before sub-pixel moves (each at most half a patch)
     assert data["prob"][:, 2].min() >= 0.05
     stamp = (exper / "paper" / "predictions" / "3.npz").stat().st_mtime_ns
-    export.main(["export_descriptor", str(config), "paper", "--resize", "480", "640", "--resume"])
+    export.main(["export_descriptor", str(config), "paper", "--resize", "480", "640", "--nms", "8",
+                 "--top-k", "50", "--detection-threshold", "0.05", "--resume"])
+    assert (exper / "paper" / "predictions" / "3.npz").stat().st_mtime_ns == stamp
+    # Resuming with other settings would mix two configurations: refused, naming what differs.
+    with pytest.raises(SystemExit) as e:
+        export.main(["export_descriptor", str(config), "paper", "--resize", "480", "640", "--resume"])
+    assert e.value.code == 2
+    assert "model.nms (8 -> 4)" in capsys.readouterr().err
     assert (exper / "paper" / "predictions" / "3.npz").stat().st_mtime_ns == stamp
 
 

@@ -74,7 +74,7 @@ def test_extract_accepts_rgb_and_any_size(extractor, shared_data):
     assert out["mask"].sum() > 0 and torch.equal(out["keypoints"], cropped["keypoints"])
     with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\) grey or \(B, 3, H, W\) RGB"):
         extractor.extract(rgb[0])
-    with pytest.raises(ValueError, match="multiple of 8"):
+    with pytest.raises(ValueError, match="7x83 are too small: the network needs at least 8x8"):
         extractor.extract(rgb[..., :7, :])
 
 

@@ -315,11 +315,11 @@ pretrained: {weights}
     return path
 
 
-def run_export(monkeypatch, tmp_path, config: Path, exper="exp", output_img=False):
+def run_export(monkeypatch, tmp_path, config: Path, exper="exp", output_img=False, resume=False):
     monkeypatch.setattr(settings, "DATA_PATH", str(tmp_path))
     monkeypatch.setattr(settings, "EXPER_PATH", str(tmp_path / "logs"))
     args = argparse.Namespace(config=str(config), exper_name=exper, outputImg=output_img, weights=None,
-                              precision=None)
+                              precision=None, resume=resume, overwrite=False, max_bad_fraction=0.5)
     return export.run(args)
 
 
@@ -358,8 +358,8 @@ def test_export_resumes_and_never_mistakes_a_temporary_for_an_output(tmp_path, m
     out.mkdir(parents=True)
     kept = np.full((1, 3), 7.0, np.float32)
     np.savez_compressed(out / "im0.npz", pts=kept)  # finished before the interruption
-    (out / ".im1.npz.k3j2_x.npz").write_bytes(b"PK\x03\x04 half written")  # interrupted atomic write
-    counts = run_export(monkeypatch, tmp_path, config)
+    (out / ".im1.npz.k3j2_x9q.npz").write_bytes(b"PK\x03\x04 half written")  # interrupted atomic write
+    counts = run_export(monkeypatch, tmp_path, config, resume=True)  # outputs without a run.json: an older run
     assert (counts["written"], counts["existing"], counts["corrupt"]) == (2, 1, 0)
     assert np.array_equal(load_npz(out / "im0.npz")["pts"], kept)
     assert load_npz(out / "im1.npz")["pts"].shape[1] == 3

@@ -35,22 +35,40 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
     return best[1] if best else None
 
 
+# The one-line conversion the refusal message and the README give, for a file the user trusts.
+CONVERSION_RECIPE = (
+    "python -c \"import sys, torch; c = torch.load(sys.argv[1], map_location='cpu', weights_only=False); "
+    "c = c.get('model_state_dict', c) if isinstance(c, dict) else c.state_dict(); "
+    "torch.save({'model_state_dict': dict(c)}, sys.argv[2])\" IN OUT")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """torch.load a weights or checkpoint file onto the CPU; unreadable files are a DataError."""
+    """torch.load a weights or checkpoint file onto the CPU with `weights_only=True`, and only so.
+
+    Tensors, state dicts and the plain values of the reference's checkpoints load; a file that pickles
+    anything else (a class, a function) is refused, never unpickled: unpickling is how a crafted file
+    runs code. The message says how to convert a trusted file. Unreadable files are a DataError too.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"weights file not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        # Checkpoints written by old code may pickle non-tensor objects; they are the user's own files.
-        log.warning("%s holds more than tensors; loading it with weights_only=False", path)
+    except pickle.UnpicklingError as e:
+        refused = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()), None)
+        if refused is None:  # not a refused object: a corrupt or truncated file
+            raise DataError(f"{path}: not a readable PyTorch weights file ({_first_line(e)})") from None
+        raise DataError(
+            f"{path}: refused: it holds Python objects other than tensors ({refused}), and loading those "
+            f"could run code. If you trust the file, convert it once: {CONVERSION_RECIPE}") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for corrupt files
         raise DataError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
+
+
+def _first_line(error: Exception) -> str:
+    """The informative line of torch's multi-line unpickling message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "Unsupported" in line), lines[0] if lines else type(error).__name__)
 
 
 def extract_state_dict(obj: Mapping, source: str = "weights") -> dict:

@@ -16,6 +16,7 @@ for RANSAC is a counted homography failure (incorrect at every threshold). Neith
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from utils import draw, metrics
 from utils.io import DataError, load_npz, save_image, save_npz, write_json, write_text
+from utils.runs import RECORD_NAME as RUN_RECORD
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,32 @@ INLIER_FIGURE_FRACTION = 0.1  # share of inliers and of outliers drawn in matchi
 
 
 def prediction_files(pred_dir: Path) -> List[Path]:
-    """The `<int>.npz` files of the folder in numeric order; a missing or empty folder is a DataError."""
+    """The prediction files to evaluate, in numeric order.
+
+    A folder written by this project's export (it holds the export's run.json) is read through its
+    `index.json`: exactly the files listed there, so a file another run left behind is never mixed
+    in (and a missing index means the export did not finish). Other folders (the reference's, older
+    exports) give every `<int>.npz`. A missing or empty folder is a DataError.
+    """
     if not pred_dir.is_dir():
         raise DataError(f"{pred_dir}: predictions folder not found")
-    files = [p for p in pred_dir.iterdir() if re.fullmatch(r"\d+\.npz", p.name)]
+    found = {p.name: p for p in pred_dir.iterdir() if re.fullmatch(r"\d+\.npz", p.name)}
+    if (pred_dir / RUN_RECORD).is_file():
+        index_path = pred_dir / "index.json"
+        if not index_path.is_file():
+            raise DataError(f"{pred_dir}: the export into this folder did not finish (no index.json); "
+                            f"rerun it (the same command completes it)")
+        try:
+            listed = [str(entry.get("file", f"{entry['index']}.npz")) for entry in json.loads(index_path.read_text())]
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise DataError(f"{index_path}: not an export index ({type(e).__name__}: {e})") from e
+        ignored = sorted(set(found) - set(listed))
+        if ignored:
+            log.warning("%s: ignoring %d file(s) that index.json does not list: %s", pred_dir, len(ignored),
+                        ", ".join(ignored[:5]) + (" ..." if len(ignored) > 5 else ""))
+        files = [pred_dir / name for name in listed]
+    else:
+        files = list(found.values())
     if not files:
         raise DataError(f"{pred_dir}: no predictions (<i>.npz files) in this folder")
     return sorted(files, key=lambda p: int(p.stem))
@@ -64,6 +88,9 @@ def check_prediction(path: Path, data: dict) -> None:
     for key in ("prob", "warped_prob"):
         if data[key].ndim != 2 or data[key].shape[1] not in (2, 3):
             fail(key, "(N, 2) [x, y] or (N, 3) [x, y, score]")
+        if not np.all(np.isfinite(data[key])):
+            raise DataError(f"{path}: key '{key}' has {int((~np.isfinite(data[key])).any(axis=1).sum())} "
+                            f"point(s) with NaN or infinite values")
     for points, desc in (("prob", "desc"), ("warped_prob", "warped_desc")):
         if desc in data and (data[desc].ndim != 2 or len(data[desc]) != len(data[points])):
             fail(desc, f"(N, D) with N = {len(data[points])} (the rows of '{points}')")
@@ -250,12 +277,14 @@ def evaluate_predictions(pred_dir, repeatability: bool = False, homography: bool
     flags = {"repeatability": repeatability, "homography": homography, "output_images": output_images,
              "plot_matching": plot_matching, "sift": sift, "compat": compat, "top_k": top_k,
              "distance_thresh": distance_thresh}
-    if not (repeatability or homography or plot_matching):
-        log.warning("no metric requested (use --repeatibility and/or --homography)")
+    measured = repeatability or homography
+    if not measured:
+        log.warning("no metric requested (use --repeatibility and/or --homography); result.* are left as they are")
     keys = DETECTION_KEYS + (DESCRIPTION_KEYS if homography or plot_matching else ())
 
     pairs: List[PairResult] = []
     failed: List[dict] = []
+    write_errors: List[str] = []
     for path in tqdm(files, desc="evaluation", unit="pair"):
         try:
             data = load_npz(path, keys=keys)
@@ -270,8 +299,8 @@ def evaluate_predictions(pred_dir, repeatability: bool = False, homography: bool
         if pair.homography_failed:
             log.warning("%s: homography estimation failed (fewer than 4 matches or no RANSAC model); "
                         "counted as incorrect", path.name)
-        for rel, image in pair.figures.items():
-            save_image(pred_dir / rel, image)
+        if not write_errors:
+            _try_write(write_errors, _save_figures, pred_dir, pair.figures)
         pair.figures = {}
         pairs.append(pair)
     if not pairs:
@@ -279,6 +308,30 @@ def evaluate_predictions(pred_dir, repeatability: bool = False, homography: bool
                         + "; ".join(f["error"] for f in failed))
 
     results = aggregate(pairs, failed, flags)
+    if measured and not write_errors:
+        _try_write(write_errors, write_results, pred_dir, results, pairs, flags)
+    # The numbers are returned (and printed by the CLI) even when they could not be written.
+    results["not_written"] = write_errors[0] if write_errors else None
+    return results
+
+
+def _save_figures(pred_dir: Path, figures: dict) -> None:
+    for rel, image in figures.items():
+        save_image(pred_dir / rel, image)
+
+
+def _try_write(errors: list, write, *args) -> None:
+    """Call write(*args); an OSError (read-only or full disk...) is logged and kept in `errors`."""
+    try:
+        write(*args)
+    except OSError as e:
+        message = f"{e.filename or args[0]}: {e.strerror or e}"
+        log.error("could not write the evaluation's files: %s", message)
+        errors.append(message)
+
+
+def write_results(pred_dir: Path, results: dict, pairs: List[PairResult], flags: dict) -> None:
+    """result.txt (appended), result.npz and result.json (see the module docstring)."""
     _append_text(pred_dir / "result.txt", _report_text(pred_dir, results, pairs, flags))
     homo = [p for p in pairs if p.correctness is not None]
     save_npz(pred_dir / "result.npz",
@@ -292,7 +345,6 @@ def evaluate_predictions(pred_dir, repeatability: bool = False, homography: bool
              mscore=np.array([p.mscore for p in homo], dtype=np.float64),
              mAP=np.array([p.ap for p in homo], dtype=np.float64))
     write_json(pred_dir / "result.json", results)
-    return results
 
 
 HEADLINE_HEADER = ["eps=1", "eps=3", "eps=5", "Rep", "MLE", "NN mAP", "M.score"]

@@ -2,8 +2,10 @@
 rename (atomic on POSIX). Readers raise errors that name the file."""
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import tempfile
 import zipfile
 import zlib
@@ -19,9 +21,31 @@ class DataError(RuntimeError):
     """An input file is missing, unreadable or corrupt."""
 
 
+def _umask() -> int:
+    """The process's umask (os.umask can only be read by setting it, so it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(path: str | Path) -> None:
+    """Delete the temporary files an interrupted `atomic_path(path)` left beside `path` (killed
+    processes cannot clean up). Only names of exactly that form are removed: `.<name>.<8 chars><suffix>`."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}(\.[^/]*)?")
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{glob.escape(path.name)}.*"):
+            if pattern.fullmatch(tmp.name):
+                tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it to `path` when the block succeeds."""
+    """Yield a temporary path in the target's folder; rename it to `path` when the block succeeds.
+
+    The file gets the permissions a plain `open` would give it (0666 minus the umask; mkstemp alone
+    makes 0600), and temporaries of earlier interrupted writes of `path` are removed.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
@@ -29,7 +53,9 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+        remove_stale_temporaries(path)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -51,3 +51,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def random_weights(tmp_path) -> Path:
+    """A randomly initialised SuperPointNet_pretrained state_dict file (MagicLeap's layout), seed 0."""
+    from models.SuperPointNet_pretrained import SuperPointNet_pretrained
+
+    torch.manual_seed(0)
+    path = tmp_path / "random_superpoint.pth"
+    torch.save(SuperPointNet_pretrained().state_dict(), path)
+    return path

@@ -58,14 +58,6 @@ def write_image(path: Path, h=32, w=48, seed=0) -> Path:
 
 
 @pytest.fixture
-def random_weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "random_superpoint.pth"
-    torch.save(SuperPointNet_pretrained().state_dict(), path)
-    return path
-
-
-@pytest.fixture
 def paths(tmp_path, monkeypatch):
     monkeypatch.setattr(settings, "DATA_PATH", str(tmp_path / "data"))
     monkeypatch.setattr(settings, "EXPER_PATH", str(tmp_path / "logs"))

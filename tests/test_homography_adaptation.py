@@ -21,7 +21,6 @@ from datasets.Coco import Coco
 from datasets.Kitti_inh import Kitti_inh
 from datasets.image_folder import ImageFolder
 from models.extractor import SuperPointExtractor
-from models.SuperPointNet_pretrained import SuperPointNet_pretrained
 from pipeline import homography_adaptation_export as export
 from utils import homography_adaptation as ha
 from utils.config import ConfigError, load_yaml
@@ -280,14 +279,6 @@ def test_shipped_export_configs_fit_the_schema():
 
 
 # ------------------------------------------------------------------------------------------- export
-
-@pytest.fixture
-def random_weights(tmp_path) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path / "random_superpoint.pth"
-    torch.save(SuperPointNet_pretrained().state_dict(), path)
-    return path
-
 
 def write_config(path: Path, weights: Path, data: str, num: int = 2) -> Path:
     path.write_text(f"""

@@ -132,7 +132,7 @@ def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int
 
         def loss_step():
             d, w = desc.clone().requires_grad_(True), warped.clone().requires_grad_(True)
-            value, _ = tr.descriptor_loss(d, w, homographies, mask)
+            value, _ = tr.loss.descriptor_loss(d, w, homographies, mask)
             value.backward()
 
         loss_step()

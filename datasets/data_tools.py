@@ -7,8 +7,6 @@ the sample-level (1, H, W) shapes are the datasets' business.
 * `points_to_label_map` / `points_to_residuals`: binary labels at the rounded points and the sub-pixel
   residuals p - round(p) (the reference's `labels_2D` and `labels_res`).
 * `bilinear_splat` + `gaussian_blur` = `gaussian_label_map`: the soft labels of `gaussian_label`.
-* `labels_to_cell_targets` / `valid_mask_to_cells`: the detector-loss targets and cell mask
-  (the reference's labels2Dto3D with its dustbin, and a cell valid only when all its pixels are).
 * `sample_pixel_homography`, `warp_sample` and `warped_pair`: homographic augmentation and the warped
   pair of the reference's Coco dataset, built on utils.geometry only.
 * `TrainingSample`: the whole training sample of a dataset from an image and its keypoints
@@ -28,7 +26,6 @@ from utils import photometric
 from utils.config import IGNORED, check_positive
 from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, inside_image, sample_homography,
                             valid_mask, warp_image, warp_points)
-from utils.keypoints import CELL, heatmap_to_cells
 
 # The `data` keys read by `TrainingSample` (those of the reference's training configs), with its defaults.
 training_defaults = {
@@ -102,7 +99,7 @@ def gaussian_kernel1d(sigma: float) -> torch.Tensor:
     """(2r+1,) float64 normalised Gaussian weights exp(-d^2 / (2 sigma^2)), r = floor(3 sigma).
 
     The support stops at 3 sigma (dropped weights are < 1.1 % of the peak): a longer tail would put
-    tiny masses into neighbouring cells, and the cell targets (`labels_to_cell_targets`) turn any
+    tiny masses into neighbouring cells, and the cell targets (`utils.losses.labels_to_cell_targets`) turn any
     mass in a cell into a keypoint target. With the configs' sigma 0.2 the kernel is [1].
     """
     if not sigma > 0:
@@ -130,31 +127,6 @@ def gaussian_label_map(points: torch.Tensor, height: int, width: int, sigma: flo
     pixels: a real blur, float, never quantised (the reference's 'gaussian' labels were numerically
     unblurred and its warped labels truncated to uint8)."""
     return gaussian_blur(bilinear_splat(points, height, width), sigma)
-
-
-def labels_to_cell_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Detector targets from label maps (the reference's `labels2Dto3D`).
-
-    labels: (B, 1, H, W) non-negative (binary or soft), H and W multiples of 8.
-    Returns (B, 65, H/8, W/8): channels 0..63 are the cell's pixels in the order of
-    `utils.keypoints.heatmap_to_cells` (k = 8 dy + dx), channel 64 the dustbin, which is 1 only for
-    cells with no label mass. Each cell is then divided by its sum, so k keypoints in a cell get 1/k
-    each and a cell with mass holds a distribution over its 64 pixels.
-    """
-    b, c, h, w = labels.shape
-    if c != 1 or h % CELL or w % CELL:
-        raise ValueError(f"labels must be (B, 1, H, W) with H, W multiples of {CELL}; got {tuple(labels.shape)}")
-    cells = heatmap_to_cells(labels[:, 0].float())
-    mass = cells.sum(dim=1, keepdim=True)
-    dustbin = (mass <= 0).to(cells.dtype)
-    targets = torch.cat([cells, dustbin], dim=1)
-    return targets / targets.sum(dim=1, keepdim=True)
-
-
-def valid_mask_to_cells(mask: torch.Tensor) -> torch.Tensor:
-    """Cell mask, as the reference's: (B, 1, H, W) pixel mask -> (B, 1, H/8, W/8), the
-    product over each cell's 64 pixels (a cell is valid only if all its pixels are)."""
-    return heatmap_to_cells(mask[:, 0].float()).prod(dim=1, keepdim=True)
 
 
 def sample_pixel_homography(rng: np.random.Generator, params: Mapping | None, height: int,

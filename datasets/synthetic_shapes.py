@@ -686,7 +686,8 @@ def draw_cube(rng: np.random.Generator, canvas: Canvas, min_size_ratio: float = 
 def gaussian_noise(rng: np.random.Generator, canvas: Canvas) -> np.ndarray:
     """Uniform noise over the whole image (the reference's cv2.randu(img, 0, 255)), scaled about its
     mean so that after the final blur and resize it has the canvas-resolution standard deviation.
-    No keypoints."""
+    No keypoints. The noise is uniform, not Gaussian: the name is the reference's, kept because configs
+    name primitives by it (`primitives`, `truncate`, `generation.params`) and caches store it."""
     levels = 127 + (np.arange(256) - 127.5) * canvas.noise_gain()
     cv2.LUT(_uniform_bytes(rng, canvas.image.shape), np.rint(levels).astype(np.uint8), dst=canvas.image)
     return np.empty((0, 2), dtype=int)

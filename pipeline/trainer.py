@@ -3,21 +3,22 @@ orchestration. Metrics live in utils.metrics, processes and devices in utils.dis
 call in utils.backends, checkpoint names and discovery in utils.checkpoints.
 
 The reference trained the same way (image and warped pair, detector loss on both, the descriptor loss
-weighted by `lambda_loss`, Adam, checkpoints `superPointNet_<n>_checkpoint.pth.tar`), but could not
-resume a run exactly, kept going through NaN losses, ran one process only and computed precision/recall
-from per-pixel label overlaps; this trainer fixes those.
+weighted by `lambda_loss`, Adam, checkpoints `superPointNet_<n>_checkpoint.pth.tar`), but validated with
+the network in train mode (BatchNorm batch statistics), dropped the optimizer state on resume, ran
+train_iter + 1 steps, ignored its seeds, and its --eval flag did nothing; this trainer fixes those, and
+offers the paper's `cross_entropy` detector loss beside the reference's BCE on the softmax.
 
 One step: the image and its warped pair (when the samples have one) go through the network as one
 batch (so BatchNorm sees both, and DDP sees one forward pass), at the configured precision; the losses
 are computed in fp32 from the raw outputs: `loss = loss_det + loss_det_warp + lambda_loss * loss_desc`
-(the descriptor term comes from `utils.losses.get_descriptor_loss`; MagicPoint has none). Adam, with
-a step learning-rate schedule (`training.lr_milestones`, `training.lr_decay`; none: constant).
+(`utils.losses.TrainingLoss`; MagicPoint has no descriptor term). Adam, with a step learning-rate
+schedule (`training.lr_milestones`, `training.lr_decay`; none: constant).
 
 Iterations. `n_iter` counts the batches consumed; training stops after exactly `train_iter` of them.
 A batch whose loss is NaN or inf is skipped (no optimizer step, BatchNorm statistics restored) and
-counted; `training.nan_patience` consecutive skips save a checkpoint and stop the run.
-The checkpoint of iteration n holds the state after n iterations. It is written
-at every multiple of `save_interval`, at the end, on Ctrl-C or SIGTERM, and when the run stops on NaNs.
+counted; `training.nan_patience` consecutive skips save a checkpoint and stop the run. The checkpoint
+of iteration n holds the state after n iterations. It is written at every multiple of `save_interval`,
+at the end, on Ctrl-C or SIGTERM, and when the run stops on NaNs.
 Resuming from it (`retrain: false`, `pretrained: <checkpoint>`, `reset_iter: false`, or the same
 command with `--resume`, e.g. after a `kill -9`) restores the model, the optimizer and n, and goes on
 with the batches an uninterrupted run would have seen: epoch e visits the dataset in the order of
@@ -27,8 +28,8 @@ exactly is up to its seeding; SyntheticDataset_gaussian's do).
 
 Validation (with --eval) every `validation_interval` iterations and at the end, in eval mode, over the
 first `validation_size` batches of the validation set (the same batches every time): the losses,
-`utils.metrics.DetectionMetrics` (precision, recall, mAP against `labels_2D`) and, with warped pairs,
-`utils.metrics.MatchingMetrics` (match_precision, matches). The descriptor loss's random sampling is
+precision, recall and mAP against `labels_2D` and, with warped pairs, match_precision and matches
+(`utils.metrics.ValidationMetrics`). The descriptor loss's random sampling is
 seeded with `seed` at every validation (the same draws each time) and leaves the training random state
 untouched.
 
@@ -42,6 +43,7 @@ runs/<task>/<exper>_<date>.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -61,21 +63,20 @@ from tqdm import tqdm
 
 import settings
 from datasets import get_dataset_class
-from datasets.data_tools import labels_to_cell_targets, valid_mask_to_cells
 from models import extractor, get_model
 from utils import precision as precision_lib
 from utils.backends import TorchBackend
-from utils.checkpoints import checkpoint_name, latest_checkpoint, load_weights_into, save_checkpoint
+from utils.checkpoints import checkpoint_name, latest_checkpoint, restore_training, save_checkpoint
 from utils.cli import tensorboard_dir
 from utils.config import (IGNORED, OPEN, ConfigError, check_choice, check_int, check_list, check_number,
                           check_positive, combine, dump_config, load_config, require)
 from utils.distributed import (ResumableSampler, default_device, derived_seed,
                                distributed_context, init_process_group)
-from utils.draw import overlay_images
+from utils.draw import log_detections
 from utils.io import append_jsonl
 from utils.keypoints import logits_to_heatmap
-from utils.losses import DETECTOR_LOSSES, detector_loss, get_descriptor_loss
-from utils.metrics import DetectionMetrics, MatchingMetrics
+from utils.losses import TrainingLoss
+from utils.metrics import DetectionMetrics, ValidationMetrics
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,6 @@ def check_training_conf(conf: Mapping, source: str = "config") -> dict:
     top = {key: check_int(conf[key], key, source, minimum=0 if key == "train_iter" else 1)
            for key in ("train_iter", "save_interval", "validation_interval", "tensorboard_interval",
                        "validation_size")}
-    check_choice(model["detector_loss"]["loss_type"], DETECTOR_LOSSES, "model.detector_loss.loss_type", source)
     for key in ("batch_size", "eval_batch_size"):
         model[key] = check_int(model[key], f"model.{key}", source, minimum=1, example=16)
     model["learning_rate"] = check_positive(model["learning_rate"], "model.learning_rate", source, example=0.001)
@@ -214,10 +214,7 @@ class Trainer:
             raise ConfigError(f"{self.source}: {e}") from e
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=mconf["learning_rate"])
         self.scaler = precision_lib.grad_scaler(tconf["precision"], self.device)
-        self.loss_type = mconf["detector_loss"]["loss_type"]
-        self.descriptor_loss = get_descriptor_loss(mconf)
-        self.lambda_loss = float(mconf["lambda_loss"] or 0)
-        self.nan_skipped = 0
+        self.loss = TrainingLoss(mconf, self.source)
 
     @property
     def concrete_precision(self) -> str:
@@ -234,7 +231,7 @@ class Trainer:
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Without a descriptor loss the descriptor head gets no gradient.
         return torch.nn.parallel.DistributedDataParallel(
-            self.net, device_ids=ids, find_unused_parameters=self.descriptor_loss is None)
+            self.net, device_ids=ids, find_unused_parameters=self.loss.descriptor_loss is None)
 
     def _build_data(self, datasets) -> None:
         """Datasets, the resumable training sampler and the loaders."""
@@ -278,6 +275,7 @@ class Trainer:
 
     def _restore(self) -> int:
         """Load `pretrained` when `retrain` is false; returns the iteration to start from."""
+        self.nan_skipped = 0
         path = extractor.weights_path(self.conf)
         if self.conf["retrain"]:
             if path:
@@ -285,24 +283,11 @@ class Trainer:
             return 0
         if not path:
             raise ConfigError(f"{self.source}: retrain is false but no 'pretrained' checkpoint is given")
-        raw = load_weights_into(self.net, path)
-        n_iter = 0
-        if "model_state_dict" in raw:
-            if raw.get("optimizer_state_dict"):
-                self.optimizer.load_state_dict(raw["optimizer_state_dict"])
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.conf["model"]["learning_rate"]
-            if raw.get("scaler_state_dict") and self.scaler.is_enabled():
-                self.scaler.load_state_dict(raw["scaler_state_dict"])
-            n_iter = int(raw.get("n_iter", 0))
-            self.nan_skipped = int(raw.get("nan_skipped", 0))
-            log.info("resumed from %s: model, optimizer%s, iteration %d", path,
-                     "" if raw.get("optimizer_state_dict") else " (none saved)", n_iter)
-        else:
-            log.info("loaded network weights from %s (no optimizer state or iteration in it)", path)
+        state = restore_training(path, self.net, self.optimizer, self.scaler)
         if self.conf["reset_iter"]:
-            n_iter, self.nan_skipped = 0, 0
-        return n_iter
+            return 0
+        self.nan_skipped = state["nan_skipped"]
+        return state["n_iter"]
 
     def _seed_everything(self, seed: int) -> None:
         torch.manual_seed(seed)
@@ -315,39 +300,9 @@ class Trainer:
         (utils.backends); outputs in fp32."""
         return self.backend(images, model or self.model)
 
-    def _labels(self, batch: Mapping, warped: bool) -> torch.Tensor:
-        key = ("warped_labels" if warped else "labels_2D") + ("_gaussian" if self.gaussian else "")
-        if key not in batch:
-            raise KeyError(f"the dataset's samples have no '{key}' (needed by the detector loss)")
-        return batch[key].to(self.device, non_blocking=True)
-
     def compute_losses(self, out: Mapping, batch: Mapping) -> dict:
-        """Loss terms of a batch from the fp32 network outputs of `torch.cat([image, warped_img])`
-        (or of `image` alone without a warped pair). Returns {name: scalar tensor}, 'loss' the total."""
-        b = batch["image"].shape[0]
-        pair = "warped_img" in batch
-        semi = out["semi"]
-        valid = batch["valid_mask"].to(self.device, non_blocking=True)
-        losses = {"loss_det": detector_loss(semi[:b], labels_to_cell_targets(self._labels(batch, False)),
-                                            valid_mask_to_cells(valid), self.loss_type)}
-        total = losses["loss_det"]
-        if pair:
-            warped_valid = batch["warped_valid_mask"].to(self.device, non_blocking=True)
-            losses["loss_det_warp"] = detector_loss(
-                semi[b:], labels_to_cell_targets(self._labels(batch, True)), valid_mask_to_cells(warped_valid),
-                self.loss_type)
-            total = total + losses["loss_det_warp"]
-        if self.descriptor_loss is not None:
-            if not pair:
-                raise ConfigError(f"{self.source}: model.lambda_loss > 0 needs warped pairs "
-                                  f"(data.warped_pair.enable: true)")
-            homographies = batch["homographies"].to(self.device, non_blocking=True)
-            loss_desc, stats = self.descriptor_loss(out["desc"][:b], out["desc"][b:], homographies, warped_valid)
-            losses["loss_desc"] = loss_desc
-            losses.update(stats)
-            total = total + self.lambda_loss * loss_desc
-        losses["loss"] = total
-        return losses
+        """Loss terms of a batch from the fp32 network outputs (utils.losses.TrainingLoss)."""
+        return self.loss(out, batch, soft_labels=self.gaussian)
 
     def learning_rate(self, n_iter: int) -> float:
         """The learning rate of iteration `n_iter` (0-based): model.learning_rate times training.lr_decay
@@ -361,11 +316,8 @@ class Trainer:
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.learning_rate(self.n_iter)
-        images = batch["image"]
-        if "warped_img" in batch:
-            images = torch.cat([images, batch["warped_img"]])
         buffers = [b.detach().clone() for b in self.net.buffers()]
-        out = self.forward(images)
+        out = self.forward(_network_input(batch))
         losses = self.compute_losses(out, batch)
         loss = losses["loss"]
         finite = torch.isfinite(loss.detach()).to(torch.int32)
@@ -389,54 +341,30 @@ class Trainer:
     # ---------------------------------------------------------------- validation
     @torch.no_grad()
     def validate(self) -> dict:
-        """Losses, detection and matching metrics over the first `validation_size` validation batches, in
-        eval mode."""
+        """Losses, detection and matching metrics (utils.metrics.ValidationMetrics) over the first
+        `validation_size` validation batches, in eval mode."""
         self.net.eval()
-        metrics = DetectionMetrics()
-        sums: dict = {}
-        n_batches = 0
-        first = None
-        matching = MatchingMetrics()
+        metrics, first = ValidationMetrics(), None
         try:
             # The same descriptor-loss draws at every validation; the training random state is kept.
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.seed)
                 for batch in islice(self.val_loader, self.conf["validation_size"]):
-                    images = batch["image"]
-                    if "warped_img" in batch:
-                        images = torch.cat([images, batch["warped_img"]])
-                    out = self.forward(images, model=self.net)
-                    for key, value in self.compute_losses(out, batch).items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
-                    b = batch["image"].shape[0]
-                    heatmap = logits_to_heatmap(out["semi"][:b])
-                    predictions = metrics.update(heatmap, batch["labels_2D"], batch.get("valid_mask"))
-                    if "warped_img" in batch:
-                        matching.update(heatmap, out["desc"][:b], logits_to_heatmap(out["semi"][b:]),
-                                        out["desc"][b:], batch["homographies"])
+                    out = self.forward(_network_input(batch), model=self.net)
+                    heatmap, predictions = metrics.update(out, batch, self.compute_losses(out, batch))
                     if first is None:
-                        first = (batch["image"][:TENSORBOARD_MAX_IMAGES], batch["labels_2D"][:TENSORBOARD_MAX_IMAGES],
-                                 predictions[:TENSORBOARD_MAX_IMAGES], heatmap[:TENSORBOARD_MAX_IMAGES])
-                    n_batches += 1
+                        k = TENSORBOARD_MAX_IMAGES
+                        first = (batch["image"][:k], batch["labels_2D"][:k], predictions[:k], heatmap[:k])
         finally:
             self.net.train()
-        if n_batches == 0:
+        if metrics.batches == 0:
             raise ConfigError(f"{self.source}: the validation set is empty")
-        result = {key: value / n_batches for key, value in sums.items()}
-        result.update(metrics.compute())
-        if matching.pairs:
-            result.update(matching.compute())
+        result = metrics.compute()
         if self.writer is not None:
             for key, value in result.items():
                 self.writer.add_scalar(f"val-{key}", value, self.n_iter)
-            self._write_images("val", *first)
+            log_detections(self.writer, "val", self.n_iter, *first)
         return result
-
-    def _write_images(self, prefix: str, images, labels, predictions, heatmap) -> None:
-        self.writer.add_images(f"{prefix}-labels_vs_predictions", overlay_images(images, labels, predictions),
-                               self.n_iter, dataformats="NHWC")
-        self.writer.add_images(f"{prefix}-heatmap", heatmap[:, None].clamp(0, 1).cpu(), self.n_iter,
-                               dataformats="NCHW")
 
     def _log_train(self, losses: dict, out: dict, batch: Mapping) -> None:
         if self.writer is None:
@@ -444,15 +372,15 @@ class Trainer:
         for key, value in losses.items():
             self.writer.add_scalar(f"train-{key}", float(value), self.n_iter)
         if self.n_iter % self.conf["tensorboard_interval"] == 0:
-            b = batch["image"].shape[0]
+            b, k = batch["image"].shape[0], TENSORBOARD_MAX_IMAGES
             metrics = DetectionMetrics()
             heatmap = logits_to_heatmap(out["semi"][:b].detach())
             predictions = metrics.update(heatmap, batch["labels_2D"], batch.get("valid_mask"))
             scores = metrics.compute()
             self.writer.add_scalar("train-precision", scores["precision"], self.n_iter)
             self.writer.add_scalar("train-recall", scores["recall"], self.n_iter)
-            k = TENSORBOARD_MAX_IMAGES
-            self._write_images("train", batch["image"][:k], batch["labels_2D"][:k], predictions[:k], heatmap[:k])
+            log_detections(self.writer, "train", self.n_iter, batch["image"][:k], batch["labels_2D"][:k],
+                           predictions[:k], heatmap[:k])
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> Optional[Path]:
@@ -491,50 +419,28 @@ class Trainer:
         log.info("training %s from iteration %d to %d: %s precision, channels_last %s, device %s, "
                  "%d process(es), batch %d per process", c["model"]["name"], self.n_iter, train_iter,
                  self.concrete_precision, self.channels_last, self.device, self.ctx.world_size, self.per_rank_batch)
-        start_time = time.perf_counter()
-        data_time = 0.0
-        consecutive_nan = 0
+        start_time, data_time = time.perf_counter(), 0.0
+        self.consecutive_nan = 0
         validated_at = saved_at = None
         progress = tqdm(total=train_iter, initial=self.n_iter, disable=not self.ctx.is_main, dynamic_ncols=True,
                         desc="train", unit="it")
         batches = self._batches()
-        # SIGTERM (schedulers, `kill`) is handled like Ctrl-C: a checkpoint is saved.
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            while self.n_iter < train_iter:
-                t0 = time.perf_counter()
-                batch = next(batches)
-                data_time += time.perf_counter() - t0
-                # The descriptor loss's random draws depend on the iteration alone: a resumed run repeats them.
-                torch.manual_seed(derived_seed(self.seed, -2, self.n_iter, self.ctx.rank))
-                losses, out, stepped = self.train_step(batch)
-                self.n_iter += 1
-                progress.update(1)
-                if stepped:
-                    consecutive_nan = 0
-                    self.last_loss = losses["loss"]
-                    self._log_train(losses, out, batch)
-                    if self.n_iter % 10 == 0 or self.n_iter == train_iter:
-                        progress.set_postfix(loss=f"{float(losses['loss']):.4f}")
-                else:
-                    self.nan_skipped += 1
-                    consecutive_nan += 1
-                    log.warning("iteration %d: non-finite loss (%s); step skipped (%d in a row)", self.n_iter,
-                                ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()), consecutive_nan)
-                    if consecutive_nan >= c["training"]["nan_patience"]:
-                        path = self.save()
-                        raise TrainingDiverged(
-                            f"the loss was NaN/inf for {consecutive_nan} consecutive iterations, the last at "
-                            f"iteration {self.n_iter}; stopped, checkpoint {path or checkpoint_name(self.n_iter)}. "
-                            f"Lower model.learning_rate or check the data, then resume from the checkpoint")
-                if self.validate_enabled and self.n_iter % c["validation_interval"] == 0:
-                    summary["validation"] = self._validate_and_record()
-                    validated_at = self.n_iter
-                if self.n_iter % c["save_interval"] == 0:
-                    summary["checkpoint"] = self.save()
-                    saved_at = self.n_iter
+            with _sigterm_as_interrupt():
+                while self.n_iter < train_iter:
+                    t0 = time.perf_counter()
+                    batch = next(batches)
+                    data_time += time.perf_counter() - t0
+                    # The descriptor loss's random draws depend on the iteration alone: a resumed run repeats them.
+                    torch.manual_seed(derived_seed(self.seed, -2, self.n_iter, self.ctx.rank))
+                    losses, out, stepped = self.train_step(batch)
+                    self.n_iter += 1
+                    progress.update(1)
+                    self._after_step(losses, out, batch, stepped, progress)
+                    if self.validate_enabled and self.n_iter % c["validation_interval"] == 0:
+                        summary["validation"], validated_at = self._validate_and_record(), self.n_iter
+                    if self.n_iter % c["save_interval"] == 0:
+                        summary["checkpoint"], saved_at = self.save(), self.n_iter
         except KeyboardInterrupt:
             path = self.save()
             if path is not None:
@@ -543,8 +449,6 @@ class Trainer:
         finally:
             progress.close()
             batches.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
         if saved_at != self.n_iter:
             summary["checkpoint"] = self.save()
         if self.validate_enabled and validated_at != self.n_iter:
@@ -557,6 +461,27 @@ class Trainer:
             self.writer.flush()
         return {**summary, "iterations": self.n_iter, "nan_skipped": self.nan_skipped, "seconds": seconds,
                 "data_seconds": data_time}
+
+    def _after_step(self, losses: dict, out: dict, batch: Mapping, stepped: bool, progress) -> None:
+        """Bookkeeping of a finished iteration: tensorboard and progress after a step; after a skipped one
+        the NaN counts, and TrainingDiverged (with a checkpoint) after `nan_patience` in a row."""
+        if stepped:
+            self.consecutive_nan = 0
+            self.last_loss = losses["loss"]
+            self._log_train(losses, out, batch)
+            if self.n_iter % 10 == 0 or self.n_iter == self.conf["train_iter"]:
+                progress.set_postfix(loss=f"{float(losses['loss']):.4f}")
+            return
+        self.nan_skipped += 1
+        self.consecutive_nan += 1
+        log.warning("iteration %d: non-finite loss (%s); step skipped (%d in a row)", self.n_iter,
+                    ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()), self.consecutive_nan)
+        if self.consecutive_nan >= self.conf["training"]["nan_patience"]:
+            path = self.save()
+            raise TrainingDiverged(
+                f"the loss was NaN/inf for {self.consecutive_nan} consecutive iterations, the last at iteration "
+                f"{self.n_iter}; stopped, checkpoint {path or checkpoint_name(self.n_iter)}. "
+                f"Lower model.learning_rate or check the data, then resume from the checkpoint")
 
     def _validate_and_record(self) -> Optional[dict]:
         if not self.ctx.is_main:
@@ -578,8 +503,29 @@ class Trainer:
 # Entry point of train4.py
 # --------------------------------------------------------------------------------------------------
 
+def _network_input(batch: Mapping) -> torch.Tensor:
+    """The images of a batch as one network input: `image`, then `warped_img` when the samples have one."""
+    if "warped_img" in batch:
+        return torch.cat([batch["image"], batch["warped_img"]])
+    return batch["image"]
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (schedulers, `kill`) raises KeyboardInterrupt like Ctrl-C, so a checkpoint is saved
+    (in the main thread only, where Python delivers signals)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def add_arguments(parser) -> None:

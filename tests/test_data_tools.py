@@ -8,6 +8,7 @@ import torch
 
 from datasets import data_tools as dt
 from utils.geometry import warp_image, warp_points
+from utils.losses import labels_to_cell_targets, valid_mask_to_cells
 
 SYNTH_HOMOGRAPHY = {  # the homographic augmentation of configs/magicpoint_shapes_pair.yaml
     "translation": True, "rotation": True, "scaling": True, "perspective": True,
@@ -94,18 +95,18 @@ def test_cell_targets_against_a_hand_built_tensor():
     expected[0, 64, 1, 0] = 1  # cell (1, 0) is empty: dustbin
     expected[0, 8 * 4 + 2, 1, 1] = 0.25
     expected[0, 8 * 5 + 3, 1, 1] = 0.75
-    targets = dt.labels_to_cell_targets(labels)
+    targets = labels_to_cell_targets(labels)
     assert targets.shape == (1, 65, 2, 2)
     assert torch.allclose(targets, expected)
     with pytest.raises(ValueError, match="multiples of 8"):
-        dt.labels_to_cell_targets(torch.zeros(1, 1, 12, 16))
+        labels_to_cell_targets(torch.zeros(1, 1, 12, 16))
 
 
 def test_cell_mask_needs_every_pixel_valid():
     mask = torch.ones(2, 1, 16, 24)
     mask[0, 0, 9, 3] = 0
     mask[1, 0, 0, 23] = 0
-    cells = dt.valid_mask_to_cells(mask)
+    cells = valid_mask_to_cells(mask)
     expected = torch.ones(2, 1, 2, 3)
     expected[0, 0, 1, 0] = 0
     expected[1, 0, 0, 2] = 0

@@ -5,9 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from datasets.data_tools import labels_to_cell_targets, valid_mask_to_cells
 from utils.config import ConfigError
-from utils.losses import detector_loss, get_descriptor_loss
+from utils.losses import detector_loss, get_descriptor_loss, labels_to_cell_targets, valid_mask_to_cells
 
 
 def one_cell(points):

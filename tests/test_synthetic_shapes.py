@@ -1,5 +1,6 @@
 """Synthetic shapes (datasets/synthetic_shapes.py): keypoints on drawn corners, the same images as the
 reference's full-resolution drawing, determinism, and the cache (manifest, regeneration, truncate)."""
+import dataclasses
 import json
 import logging
 
@@ -285,3 +286,17 @@ def test_incomplete_cache_is_a_data_error(tmp_path):
 def test_bad_configuration_names_the_key(conf, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         ss.render_sample(conf, "draw_lines", "training", 0)
+
+
+def test_settings_are_checked_once_into_an_immutable_object():
+    conf = tiny(truncate={"draw_star": "0.5"})  # numeric strings are numbers
+    settings = ss.shapes_settings(conf)
+    assert ss.shapes_settings(settings) is settings  # passed on as is, never re-checked
+    assert dict(settings.truncate)["draw_star"] == 0.5 and settings.split_count("draw_star", "training") == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.blur_size = 3
+    assert ss.split_samples(settings, "training") == ss.split_samples(conf, "training")
+    image, points = ss.render_sample(settings, "draw_star", "training", 1)
+    expected_image, expected_points = ss.render_sample(conf, "draw_star", "training", 1)
+    np.testing.assert_array_equal(image, expected_image)
+    np.testing.assert_array_equal(points, expected_points)

@@ -386,3 +386,12 @@ def test_learning_rate_steps_down_at_milestones_and_resume_follows(tmp_path):
         assert groups[0]["lr"] == pytest.approx(lr)
     with pytest.raises(ConfigError, match="training.lr_milestones"):
         run(tmp_path, make_conf(training={"lr_milestones": [0]}), name="bad")
+
+
+def test_numeric_strings_in_the_config_are_numbers(tmp_path):
+    # YAML 1.1 reads `learning_rate: 1e-3` as the string '1e-3'; the trainer's checks turn it into 0.001.
+    tr = trainer_lib.Trainer(make_conf(model={"learning_rate": "1e-3"}, training={"lr_decay": "5e-1"}), tmp_path)
+    assert tr.optimizer.param_groups[0]["lr"] == 0.001
+    assert tr.learning_rate(0) == 0.001 and tr.conf["training"]["lr_decay"] == 0.5
+    with pytest.raises(ConfigError, match="'model.learning_rate' is 'fast'; expected a number > 0, e.g. 0.001"):
+        trainer_lib.Trainer(make_conf(model={"learning_rate": "fast"}), tmp_path)

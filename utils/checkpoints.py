@@ -126,3 +126,26 @@ def save_checkpoint(folder: str | Path, n_iter: int, model: torch.nn.Module, opt
     with atomic_path(path, ".tar") as tmp:
         torch.save(state, tmp)
     return path
+
+
+def restore_training(path: str | Path, net: torch.nn.Module, optimizer=None, scaler=None) -> dict:
+    """Load a checkpoint (or plain weights) into `net`, and the optimizer and fp16 gradient-scaler states
+    a checkpoint holds into `optimizer` / `scaler` (an enabled GradScaler only).
+
+    Returns {'n_iter': iterations done (0 for plain weights), 'nan_skipped': skipped iterations so far,
+    'checkpoint': whether it was a training checkpoint, 'optimizer': whether an optimizer state was loaded}.
+    """
+    raw = load_weights_into(net, path)
+    state = {"n_iter": 0, "nan_skipped": 0, "checkpoint": "model_state_dict" in raw, "optimizer": False}
+    if not state["checkpoint"]:
+        log.info("loaded network weights from %s (no optimizer state or iteration in it)", path)
+        return state
+    if raw.get("optimizer_state_dict") and optimizer is not None:
+        optimizer.load_state_dict(raw["optimizer_state_dict"])
+        state["optimizer"] = True
+    if raw.get("scaler_state_dict") and scaler is not None and scaler.is_enabled():
+        scaler.load_state_dict(raw["scaler_state_dict"])
+    state.update(n_iter=int(raw.get("n_iter", 0)), nan_skipped=int(raw.get("nan_skipped", 0)))
+    log.info("resumed from %s: model, optimizer%s, iteration %d", path,
+             "" if state["optimizer"] else " (none saved)", state["n_iter"])
+    return state

@@ -9,6 +9,11 @@ Two markers can stand as a default value:
 - `OPEN`: the key accepts any value, including a nested dict with any keys (e.g. `model.params`).
 - `IGNORED`: a key of the reference's configs that this project accepts but does not use (TF-era
   keys such as `cache_in_memory`). It is kept in the merged config with the user's value.
+
+Values are checked once, where a component turns its merged section into the settings it runs with,
+with the small set of `check_*` functions below (integers, numbers in a range, positive numbers,
+choices, lists): each returns the value in its checked type or raises a one-line ConfigError naming
+the file and the dotted key and showing a valid example.
 """
 from __future__ import annotations
 
@@ -150,7 +155,8 @@ def check_int(value: Any, key: str, source: str = "config", minimum: int | None 
         except ValueError:
             number = None
     if isinstance(number, bool) or not isinstance(number, int) or (minimum is not None and number < minimum):
-        what = "an integer" if minimum is None else ("a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        what = ("an integer" if minimum is None else "a positive integer" if minimum == 1
+                else f"an integer >= {minimum}")
         raise _fail(value, key, source, what, example if example is not None else max(minimum or 0, 1))
     return number
 

@@ -105,3 +105,14 @@ def overlay_images(images: torch.Tensor, labels: torch.Tensor, predictions: list
         canvas = draw_keypoints(canvas, pred, GREEN, radius=1)
         out.append(canvas[..., ::-1])  # BGR -> RGB
     return np.stack(out)
+
+
+def log_detections(writer, tag: str, step: int, images: torch.Tensor, labels: torch.Tensor, predictions: list,
+                   heatmap: torch.Tensor) -> None:
+    """Tensorboard images `<tag>-labels_vs_predictions` (`overlay_images`) and `<tag>-heatmap`.
+
+    writer: a tensorboard SummaryWriter. images, labels: (N, 1, H, W); predictions: N arrays (K, 2) x, y;
+    heatmap: (N, H, W) probabilities."""
+    writer.add_images(f"{tag}-labels_vs_predictions", overlay_images(images, labels, predictions), step,
+                      dataformats="NHWC")
+    writer.add_images(f"{tag}-heatmap", heatmap[:, None].clamp(0, 1).cpu(), step, dataformats="NCHW")

@@ -2,9 +2,9 @@
 
 Every loss takes the network's raw outputs and computes in fp32, whatever precision the network ran at.
 
-The detector targets and cell masks (the reference's labels2Dto3D, and cells valid only when all their
-pixels are) come from label maps and pixel masks through `datasets.data_tools.labels_to_cell_targets`
-and `valid_mask_to_cells`.
+`TrainingLoss` is the training objective of a batch (what the trainer minimises and validates). The
+detector targets and cell masks come from label maps and pixel masks through `labels_to_cell_targets`
+(the reference's labels2Dto3D) and `valid_mask_to_cells` (a cell is valid only when all its pixels are).
 
 Descriptor-loss geometry (both losses). The descriptor of cell (u, v) (column u, row v) describes the
 cell's centre, the pixel point (8u + 3.5, 8v + 3.5) (the convention of `utils.keypoints
@@ -27,10 +27,35 @@ from torch.utils.checkpoint import checkpoint
 
 from utils.config import IGNORED, ConfigError, check_choice, check_int, check_number, check_positive, merge
 from utils.geometry import inside_image, pixel_grid, warp_points
-from utils.keypoints import CELL, sample_descriptors
+from utils.keypoints import CELL, heatmap_to_cells, sample_descriptors
 
 DETECTOR_LOSSES = ("softmax", "cross_entropy")
 LOG_CLAMP = -100.0  # nn.BCELoss clamps its logs here; so does the reference's loss
+
+
+def labels_to_cell_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Detector targets from label maps (the reference's `labels2Dto3D`).
+
+    labels: (B, 1, H, W) non-negative (binary or soft), H and W multiples of 8.
+    Returns (B, 65, H/8, W/8): channels 0..63 are the cell's pixels in the order of
+    `utils.keypoints.heatmap_to_cells` (k = 8 dy + dx), channel 64 the dustbin, which is 1 only for
+    cells with no label mass. Each cell is then divided by its sum, so k keypoints in a cell get 1/k
+    each and a cell with mass holds a distribution over its 64 pixels.
+    """
+    b, c, h, w = labels.shape
+    if c != 1 or h % CELL or w % CELL:
+        raise ValueError(f"labels must be (B, 1, H, W) with H, W multiples of {CELL}; got {tuple(labels.shape)}")
+    cells = heatmap_to_cells(labels[:, 0].float())
+    mass = cells.sum(dim=1, keepdim=True)
+    dustbin = (mass <= 0).to(cells.dtype)
+    targets = torch.cat([cells, dustbin], dim=1)
+    return targets / targets.sum(dim=1, keepdim=True)
+
+
+def valid_mask_to_cells(mask: torch.Tensor) -> torch.Tensor:
+    """Cell mask, as the reference's: (B, 1, H, W) pixel mask -> (B, 1, H/8, W/8), the
+    product over each cell's 64 pixels (a cell is valid only if all its pixels are)."""
+    return heatmap_to_cells(mask[:, 0].float()).prod(dim=1, keepdim=True)
 
 
 def detector_loss(semi: torch.Tensor, target: torch.Tensor, cell_mask: torch.Tensor,
@@ -343,3 +368,51 @@ def get_descriptor_loss(model_conf: Mapping, source: str = "config") -> Optional
         f"{source}: model.lambda_loss is {model_conf['lambda_loss']} but no descriptor loss is enabled: set "
         f"model.sparse_loss.enable or model.dense_loss.enable to true, or model.lambda_loss: 0 to train the "
         f"detector only")
+
+
+class TrainingLoss:
+    """The training objective of a batch: loss = loss_det + loss_det_warp + lambda_loss * loss_desc.
+
+    model_conf: the `model` section (detector_loss.loss_type, lambda_loss and the descriptor loss of
+    `get_descriptor_loss`, checked here once). Called with the fp32 network outputs of
+    `torch.cat([image, warped_img])` (or of `image` alone without a warped pair) and the batch; the
+    labels are `labels_2D` / `warped_labels`, or their `_gaussian` soft versions with `soft_labels`.
+    Returns {name: scalar tensor}: the terms, the descriptor loss's statistics and 'loss' the total.
+    """
+
+    def __init__(self, model_conf: Mapping, source: str = "config"):
+        self.loss_type = check_choice(model_conf["detector_loss"]["loss_type"], DETECTOR_LOSSES,
+                                      "model.detector_loss.loss_type", source)
+        self.descriptor_loss = get_descriptor_loss(model_conf, source)
+        self.lambda_loss = float(model_conf["lambda_loss"] or 0)
+        self.source = source
+
+    def detector_term(self, semi: torch.Tensor, batch: Mapping, warped: bool, soft_labels: bool) -> torch.Tensor:
+        key = ("warped_labels" if warped else "labels_2D") + ("_gaussian" if soft_labels else "")
+        if key not in batch:
+            raise KeyError(f"the dataset's samples have no '{key}' (needed by the detector loss)")
+        valid = batch["warped_valid_mask" if warped else "valid_mask"].to(semi.device, non_blocking=True)
+        labels = batch[key].to(semi.device, non_blocking=True)
+        return detector_loss(semi, labels_to_cell_targets(labels), valid_mask_to_cells(valid), self.loss_type)
+
+    def __call__(self, out: Mapping, batch: Mapping, soft_labels: bool = False) -> dict:
+        b = batch["image"].shape[0]
+        pair = "warped_img" in batch
+        semi = out["semi"]
+        losses = {"loss_det": self.detector_term(semi[:b], batch, False, soft_labels)}
+        total = losses["loss_det"]
+        if pair:
+            losses["loss_det_warp"] = self.detector_term(semi[b:], batch, True, soft_labels)
+            total = total + losses["loss_det_warp"]
+        if self.descriptor_loss is not None:
+            if not pair:
+                raise ConfigError(f"{self.source}: model.lambda_loss > 0 needs warped pairs "
+                                  f"(data.warped_pair.enable: true)")
+            homographies = batch["homographies"].to(semi.device, non_blocking=True)
+            warped_valid = batch["warped_valid_mask"].to(semi.device, non_blocking=True)
+            loss_desc, stats = self.descriptor_loss(out["desc"][:b], out["desc"][b:], homographies, warped_valid)
+            losses["loss_desc"] = loss_desc
+            losses.update(stats)
+            total = total + self.lambda_loss * loss_desc
+        losses["loss"] = total
+        return losses

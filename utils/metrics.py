@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from utils.geometry import warp_points, warp_points_np
-from utils.keypoints import extract_keypoints, sample_descriptors
+from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
 from utils.matching import mutual_nearest_neighbours
 
 HOMOGRAPHY_THRESHOLDS = (1, 3, 5, 10, 20, 50)
@@ -329,3 +329,35 @@ class MatchingMetrics:
     def compute(self) -> dict:
         return {"match_precision": self.correct / self.matches if self.matches else 0.0,
                 "matches": self.matches / self.pairs if self.pairs else 0.0}
+
+
+class ValidationMetrics:
+    """Validation over several batches: the mean of each loss term, `DetectionMetrics` and, for batches
+    with a warped pair, `MatchingMetrics`."""
+
+    def __init__(self):
+        self.detection, self.matching = DetectionMetrics(), MatchingMetrics()
+        self.sums: dict = {}
+        self.batches = 0
+
+    def update(self, out: dict, batch: dict, losses: dict) -> tuple:
+        """out: fp32 network outputs of torch.cat([image, warped_img]) (or of image alone); batch: samples
+        with 'image', 'labels_2D' and optionally 'valid_mask', 'warped_img', 'homographies'; losses:
+        {name: scalar}. Returns the image heatmaps (B, H, W) and the B predicted keypoint arrays."""
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.batches += 1
+        b = batch["image"].shape[0]
+        heatmap = logits_to_heatmap(out["semi"][:b])
+        predictions = self.detection.update(heatmap, batch["labels_2D"], batch.get("valid_mask"))
+        if "warped_img" in batch:
+            self.matching.update(heatmap, out["desc"][:b], logits_to_heatmap(out["semi"][b:]), out["desc"][b:],
+                                 batch["homographies"])
+        return heatmap, predictions
+
+    def compute(self) -> dict:
+        result = {key: value / self.batches for key, value in self.sums.items()}
+        result.update(self.detection.compute())
+        if self.matching.pairs:
+            result.update(self.matching.compute())
+        return result

@@ -9,10 +9,12 @@ SHARED_DATA ?= ../shared/data
 
 venv: $(STAMP)
 
-# Re-installs only when a requirements file changed; otherwise a no-op.
-$(STAMP): requirements.txt requirements_torch.txt
+# Re-installs only when a requirements file or pyproject.toml changed; otherwise a no-op. The checkout
+# itself is installed editable, so `from models.extractor import ...` works from any directory.
+$(STAMP): requirements.txt requirements_torch.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements_torch.txt -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 test: venv

@@ -17,7 +17,8 @@ from utils.backends import TorchBackend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, merge
 from utils.io import DataError
-from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descriptors
+from utils.keypoints import DESCRIPTOR_SAMPLING, extract_keypoints, logits_to_heatmap, sample_descriptors
+from utils.matching import nearest_neighbour_matches
 
 default_conf = {
     "name": "SuperPointNet_gauss2",
@@ -29,6 +30,8 @@ default_conf = {
     "remove_borders": 4,
     "subpixel": {"enable": False, "patch_size": 5},
     "nn_thresh": 0.7,
+    # exact | superglue: where descriptors are read from the coarse map (utils.keypoints.sample_descriptors)
+    "descriptor_sampling": "exact",
     "precision": "fp32",
     "channels_last": "auto",  # true, false, or auto (see utils.precision.use_channels_last)
     "threads": "auto",  # CPU threads of the export commands: N or auto (utils.precision.set_threads)
@@ -88,10 +91,30 @@ def to_grey(images: torch.Tensor) -> torch.Tensor:
     return (images * weights[:, None, None]).sum(dim=1, keepdim=True)
 
 
-def check_image_size(height: int, width: int, source: str = "image") -> None:
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        raise ValueError(f"{source}: size {height}x{width} is not a multiple of 8; the network needs "
-                         f"H and W divisible by 8 (e.g. set preprocessing.resize to [240, 320])")
+def as_image_batch(images: torch.Tensor) -> torch.Tensor:
+    """The images the Python API accepts, as a (B, C, H, W) float32 batch with values in [0, 1].
+
+    images: a tensor (H, W), (C, H, W) or (B, C, H, W) with C = 1 (grey) or 3 (RGB); uint8 (0-255) or
+    floating point (already in [0, 1], as LightGlue's `load_image` gives). Anything else is a ValueError.
+    """
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images is a {type(images).__name__}; expected a torch.Tensor (H, W), (C, H, W) or "
+                         f"(B, C, H, W), e.g. torch.from_numpy(array)")
+    shape = tuple(images.shape)
+    images = images[None, None] if images.dim() == 2 else images[None] if images.dim() == 3 else images
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images have shape {shape}; expected (H, W), (C, H, W) or (B, C, H, W) with C = 1 "
+                         f"(grey) or 3 (RGB)")
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    elif images.is_floating_point():
+        images = images.float()
+    else:
+        raise ValueError(f"images have dtype {images.dtype}; expected uint8 (0-255) or float (0-1)")
+    height, width = images.shape[-2:]
+    if height < 8 or width < 8:
+        raise ValueError(f"images of size {height}x{width} are too small: the network needs at least 8x8")
+    return images
 
 
 class SuperPointExtractor(nn.Module):
@@ -100,6 +123,9 @@ class SuperPointExtractor(nn.Module):
     def __init__(self, conf: Mapping | None = None, device: torch.device | str = "cpu"):
         super().__init__()
         self.conf = merge(default_conf, conf, source="model")
+        if self.conf["descriptor_sampling"] not in DESCRIPTOR_SAMPLING:
+            raise ValueError(f"model.descriptor_sampling is {self.conf['descriptor_sampling']!r}; expected one "
+                             f"of {', '.join(DESCRIPTOR_SAMPLING)}")
         self.device = torch.device(device)
         self.net = get_model(self.conf["name"], self.conf["params"])
         if self.conf["pretrained"]:
@@ -112,19 +138,22 @@ class SuperPointExtractor(nn.Module):
         # Inference only: BatchNorm always uses its running statistics (the reference never called eval).
         return super().train(False)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_network(self, images: torch.Tensor) -> dict:
-        """images (B, 1, H, W) in [0, 1] -> {'semi': (B, 65, Hc, Wc) fp32, 'desc': (B, D, Hc, Wc) fp32}."""
-        check_image_size(images.shape[-2], images.shape[-1])
+        """images (B, 1, H, W) in [0, 1] -> {'semi': (B, 65, Hc, Wc) fp32, 'desc': (B, D, Hc, Wc) fp32},
+        Hc = H // 8, Wc = W // 8: at sizes that are not multiples of 8 the network sees every pixel and its
+        pooling drops the last H % 8 rows and W % 8 columns of cells (as in LightGlue and hloc)."""
+        if min(images.shape[-2:]) < 8:
+            raise ValueError(f"images of size {tuple(images.shape[-2:])}: H and W must be at least 8")
         out = self.backend(images)
         return {"semi": out["semi"], "desc": out["desc"]}
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def heatmap(self, images: torch.Tensor) -> torch.Tensor:
         """Keypoint probability (B, H, W)."""
         return logits_to_heatmap(self.run_network(images)["semi"])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict:
         """images (B, 1, H, W) float in [0, 1].
 
@@ -140,7 +169,9 @@ class SuperPointExtractor(nn.Module):
         """Keypoints and descriptors from a heatmap (B, H, W) and descriptor map (B, D, Hc, Wc)."""
         detections = keypoints_from_heatmap(heatmap, self.conf)
         keypoints = [k for k, _ in detections]
-        descriptors = [sample_descriptors(dense_descriptors[i:i + 1], k[None])[0] for i, k in enumerate(keypoints)]
+        mode = self.conf["descriptor_sampling"]
+        descriptors = [sample_descriptors(dense_descriptors[i:i + 1], k[None], mode=mode)[0]
+                       for i, k in enumerate(keypoints)]
         return {
             "keypoints": keypoints,
             "keypoint_scores": [s for _, s in detections],
@@ -152,16 +183,24 @@ class SuperPointExtractor(nn.Module):
     @classmethod
     def from_weights(cls, path, device: torch.device | str = "cpu", **conf) -> "SuperPointExtractor":
         """An extractor for a weights file, the network picked from its layout (`network_for_weights`).
-        conf: other `model` keys (detection_threshold, nms, top_k, precision, ...)."""
-        return cls({**conf, "name": network_for_weights(path), "pretrained": str(path)}, device=device)
+        conf: other `model` keys (detection_threshold, nms, top_k, precision, ...).
 
-    @torch.inference_mode()
+        `descriptor_sampling` defaults to what the weights were trained with: 'superglue' for MagicLeap's
+        layout (their descriptors then equal SuperGlue's, LightGlue's and hloc's, which those tools'
+        pretrained matchers expect), 'exact' for this project's network."""
+        name = network_for_weights(path)
+        conf.setdefault("descriptor_sampling", "superglue" if name == "SuperPointNet_pretrained" else "exact")
+        return cls({**conf, "name": name, "pretrained": str(path)}, device=device)
+
+    @torch.no_grad()
     def extract(self, images: torch.Tensor) -> dict:
-        """LightGlue-style features of a batch of images.
+        """LightGlue-style features of one image or a batch.
 
-        images: (B, 1, H, W) grey or (B, 3, H, W) RGB, float in [0, 1], any H, W >= 8: the network
-        sees the top-left (H // 8 * 8, W // 8 * 8) region (a crop leaves coordinates unchanged; the
-        last H % 8 rows and W % 8 columns get no keypoints).
+        images: a tensor (H, W), (C, H, W) or (B, C, H, W), C = 1 grey or 3 RGB, uint8 (0-255) or float
+        (0-1); any H, W >= 8 (see `as_image_batch`). It is not resized (LightGlue's `extract` shrinks to
+        1024 px by default; resize before calling to do the same). At sizes that are not multiples of 8
+        the network sees the whole image, as in LightGlue and hloc, and the last H % 8 rows and W % 8
+        columns get no keypoints (the network's pooling drops those partial cells).
         Returns, on the extractor's device, N the largest keypoint count of the batch:
           'keypoints'       (B, N, 2) float32 x, y pixels of the input (pixel centres at integers)
           'keypoint_scores' (B, N) float32, each image's points by decreasing score
@@ -169,13 +208,12 @@ class SuperPointExtractor(nn.Module):
           'image_size'      (B, 2) float32 [W, H] of the input
           'mask'            (B, N) bool, True for real keypoints; images with fewer than N points are
                             padded at the end with zero keypoints, scores and descriptors.
+        Runs under torch.no_grad (not inference_mode): the outputs are ordinary tensors, so a matcher
+        called on them may record gradients.
         """
-        grey = to_grey(images)
+        grey = to_grey(as_image_batch(images))
         height, width = grey.shape[-2:]
-        if height < 8 or width < 8:
-            raise ValueError(f"images of size {height}x{width} are too small: the network needs at least 8x8")
-        check_image_size(height // 8 * 8, width // 8 * 8, f"images of size {height}x{width}")
-        pred = self.forward(grey[..., :height // 8 * 8, :width // 8 * 8])
+        pred = self.forward(grey)
         batch, n = grey.shape[0], max((len(k) for k in pred["keypoints"]), default=0)
         dim = pred["dense_descriptors"].shape[1]
         out = {
@@ -191,3 +229,30 @@ class SuperPointExtractor(nn.Module):
             out["descriptors"][i, :len(kp)] = desc
             out["mask"][i, :len(kp)] = True
         return out
+
+
+def match(feats0: Mapping, feats1: Mapping, max_distance: float | None = 0.7, ratio: float | None = None,
+          mutual: bool = True) -> dict:
+    """Nearest-neighbour matches between the outputs of two `extract` calls (same batch size B).
+
+    A point of image 0 matches its nearest neighbour in image 1 (Euclidean descriptor distance) when
+    that distance is <= max_distance, it passes the ratio test (nearest <= ratio * second nearest),
+    and, with `mutual`, it is also the nearest neighbour's nearest neighbour (the test applied both
+    ways). None disables a threshold. The defaults are MagicLeap's and hloc's `NN-superpoint`
+    (mutual, distance 0.7); hloc's `NN-ratio` is max_distance=None, ratio=0.8.
+    Returns, like LightGlue's matcher:
+      'matches0'          (B, N0) long, index into image 1 or -1
+      'matching_scores0'  (B, N0) float32, (1 + cosine) / 2 of the match, 0 where unmatched (hloc's score)
+      'matches'           B x (K, 2) long index pairs (i0, i1)
+      'scores'            B x (K,) float32
+    """
+    matches0, scores0 = nearest_neighbour_matches(
+        feats0["descriptors"], feats1["descriptors"], feats0.get("mask"), feats1.get("mask"),
+        max_distance=max_distance, ratio=ratio, mutual=mutual)
+    pairs = [torch.nonzero(m >= 0)[:, 0] for m in matches0]
+    return {
+        "matches0": matches0,
+        "matching_scores0": scores0,
+        "matches": [torch.stack([i, m[i]], dim=-1) for i, m in zip(pairs, matches0)],
+        "scores": [s[i] for i, s in zip(pairs, scores0)],
+    }

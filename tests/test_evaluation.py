@@ -87,6 +87,9 @@ def test_synthetic_pairs_give_the_expected_metrics(synthetic):
     assert res["homography_correctness"] == pytest.approx(expected)
     assert list(res["homography_correctness"]) == THRESHOLDS
     assert res["n_homography_failed"] == 2 and res["homography_failed_files"] == ["2.npz", "10.npz"]
+    # AUC of the recall curve through (0, 0), (0.5, 1/4), (4, 2/4), flat after (failures never recalled):
+    # @1: (0.5 * 0.25 / 2 + 0.5 * 0.25) / 1; @3: (0.0625 + 2.5 * 0.25) / 3; @5: (0.0625 + 3.5 * 0.75 / 2 + 0.5) / 5
+    assert res["homography_auc"] == pytest.approx({"1": 0.1875, "3": 0.6875 / 3, "5": 0.375}, abs=1e-4)
     # matching score: right matches of pair 0 cover every visible point but the extras; pair 2: all
     assert res["mscore"] == pytest.approx((2 * v / (v + v + e) + 0 + 1 + 0) / 4)
     assert res["mAP"] == pytest.approx((1 + 0 + 1 + 0) / 4)
@@ -102,8 +105,8 @@ def test_synthetic_pairs_give_the_expected_metrics(synthetic):
     assert np.allclose(npz["mAP"], [1, 0, 1, 0])
 
     saved = json.loads((folder / "result.json").read_text())
-    for key in ["repeatability", "localization_err", "homography_correctness", "mscore", "mAP", "n_pairs",
-                "n_failed"]:
+    for key in ["repeatability", "localization_err", "homography_correctness", "homography_auc", "mscore", "mAP",
+                "n_pairs", "n_failed"]:
         assert saved[key] == res[key]
     text = (folder / "result.txt").read_text()
     assert "repeatability: " in text and "nn mean AP: " in text and "file: 3.npz; FAILED" in text
@@ -202,11 +205,12 @@ def test_cli_prints_the_seven_numbers(synthetic):
     folder = synthetic[0]
     proc = run_cli(folder, "--repeatibility", "--homography", "--compat")
     assert proc.returncode == 0, proc.stderr
-    assert "| eps=1 | eps=3 | eps=5 | Rep | MLE | NN mAP | M.score |" in proc.stdout
+    assert "| eps=1 | eps=3 | eps=5 | Rep | MLE | NN mAP | M.score | AUC@1 | AUC@3 | AUC@5 |" in proc.stdout
     assert "files failed: 1" in proc.stdout and "3.npz" in proc.stderr
     saved = json.loads((folder / "result.json").read_text())
     assert saved["flags"]["compat"] is True
     assert f"| {saved['homography_correctness']['1']:.3f} |" in proc.stdout
+    assert proc.stdout.rstrip().endswith(f"| {saved['homography_auc']['5']:.3f} |")
 
 
 # ---------------------------------------------------------------- the reference's own predictions

@@ -69,13 +69,24 @@ def test_extract_accepts_rgb_and_any_size(extractor, shared_data):
     assert torch.allclose(to_grey(torch.eye(3)[None, :, :, None]).flatten(), torch.tensor([0.299, 0.587, 0.114]))
 
     out = extractor.extract(rgb)
-    cropped = extractor.extract(to_grey(rgb)[..., :56, :80])  # the network sees the multiple-of-8 crop
-    assert out["image_size"].tolist() == [[83, 61]] and cropped["image_size"].tolist() == [[80, 56]]
-    assert out["mask"].sum() > 0 and torch.equal(out["keypoints"], cropped["keypoints"])
-    with pytest.raises(ValueError, match=r"expected \(B, 1, H, W\) grey or \(B, 3, H, W\) RGB"):
-        extractor.extract(rgb[0])
-    with pytest.raises(ValueError, match="7x83 are too small: the network needs at least 8x8"):
-        extractor.extract(rgb[..., :7, :])
+    assert out["image_size"].tolist() == [[83, 61]] and out["mask"].sum() > 0
+    # 61 x 83 holds 7 x 10 whole cells: points only in the top-left 56 x 80 pixels, inside the border.
+    assert out["keypoints"].min() >= 4 and out["keypoints"][..., 0].max() <= 75 and out["keypoints"][..., 1].max() <= 51
+    # Unlike a crop, the network sees the partial cells too (as LightGlue and hloc): they change the map.
+    grey = to_grey(rgb)
+    changed = grey.clone()
+    changed[..., 56:, :] = 1 - changed[..., 56:, :]
+    assert not torch.allclose(extractor(grey)["dense_descriptors"], extractor(changed)["dense_descriptors"])
+    # (C, H, W) and (H, W) as LightGlue takes them; uint8 is divided by 255.
+    assert torch.equal(extractor.extract(rgb[0])["keypoints"], out["keypoints"])
+    grey_u8 = torch.from_numpy(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY))
+    from_u8, from_float = extractor.extract(grey_u8), extractor.extract(grey_u8.float() / 255)
+    assert all(torch.equal(from_u8[k], from_float[k]) for k in from_u8)
+    for bad, message in ((rgb[..., :7, :], "7x83 are too small: the network needs at least 8x8"), (rgb[:, :2], r"C = 1 \(grey\) or 3"),
+                         (grey_u8.int(), "dtype torch.int32"), (bgr, "expected a torch.Tensor"),
+                         (rgb[None], r"\(H, W\), \(C, H, W\) or \(B, C, H, W\)")):
+        with pytest.raises(ValueError, match=message):
+            extractor.extract(bad)
 
 
 def test_from_weights_picks_the_network_of_the_file(magicleap_weights, tmp_path):
@@ -99,10 +110,16 @@ def test_from_weights_picks_the_network_of_the_file(magicleap_weights, tmp_path)
 
 def test_network_size_and_preprocessing_checks():
     assert network_size(480, 640, {"resize": [240, 320]}) == (240, 320)
-    # 500 / 640 of 480 x 640 is 375 x 500, each side rounded down to a multiple of 8.
-    assert network_size(480, 640, {"max_edge": 500}) == (368, 496)
-    assert network_size(480, 640, {"max_edge": 1024}) == (480, 640)  # never enlarged
-    assert network_size(61, 83, {}) == (61, 83)  # full size, cropped by extract
+    # hloc's resize_max: both sides scaled by max_edge / longer side, rounded to the nearest integer.
+    assert network_size(480, 640, {"max_edge": 500}) == (375, 500)
+    assert network_size(600, 900, {"max_edge": 640}) == (427, 640)  # 426.67
+    assert network_size(480, 640, {"max_edge": 1024}) == (480, 640)  # never enlarged ...
+    assert network_size(480, 640, {"max_edge": 1024, "resize_force": True}) == (768, 1024)  # ... unless forced
+    assert network_size(61, 83, {}) == (61, 83)  # full size
+    assert check_preprocessing({"max_edge": 64}) == {"resize": None, "max_edge": 64, "resize_force": False,
+                                                     "exif_orientation": False}
+    with pytest.raises(ConfigError, match="exif_orientation"):
+        check_preprocessing({"exif_orientation": "yes"})
     with pytest.raises(ConfigError, match="not both"):
         check_preprocessing({"resize": [240, 320], "max_edge": 320})
     with pytest.raises(ConfigError, match="multiples of 8"):
@@ -150,6 +167,7 @@ def test_hloc_export_layout_and_original_coordinates(image_folder, features_conf
         for name in names:
             group = h5[name]
             assert set(group) == {"keypoints", "scores", "descriptors", "image_size"}
+            assert group["keypoints"].attrs["uncertainty"].dtype == np.float32
             n = len(group["scores"])
             assert 20 < n <= 500 and group["keypoints"].shape == (n, 2) and group["descriptors"].shape == (256, n)
             assert all(group[k].dtype == np.float32 for k in ("keypoints", "scores", "descriptors"))
@@ -157,9 +175,15 @@ def test_hloc_export_layout_and_original_coordinates(image_folder, features_conf
         assert h5["office/a.png/image_size"][()].tolist() == [640, 480]
         assert h5["scan.jpg/image_size"][()].tolist() == [1296, 968]
         # 640 x 480 -> 160 x 120 is a factor 1/4: a pixel centre x of the small image is 4 (x + 0.5) - 0.5.
-        small = extractor.extract(torch.from_numpy(grey(image_folder / "office" / "a.png", (120, 160)))[None, None])
+        # Resized as hloc: the file's decoded grey as float, INTER_AREA, no rounding to 8 bits.
+        decoded = cv2.imread(str(image_folder / "office" / "a.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+        small = cv2.resize(decoded, (160, 120), interpolation=cv2.INTER_AREA) / 255
+        small = extractor.extract(torch.from_numpy(small))
         expected = (small["keypoints"][0, small["mask"][0]][:500].numpy() + 0.5) * 4 - 0.5
-        assert np.allclose(h5["office/a.png/keypoints"][()], expected, atol=1e-4)
+        assert np.array_equal(h5["office/a.png/keypoints"][()], expected)
+        # hloc's uncertainty: 2 px of the network input in original pixels, 2 x the mean factor.
+        assert h5["office/a.png/keypoints"].attrs["uncertainty"] == 8.0
+        assert h5["scan.jpg/keypoints"].attrs["uncertainty"] == pytest.approx(2 * (1296 / 160 + 968 / 120) / 2)
         scan = h5["scan.jpg/keypoints"][()]
         assert scan.min() >= -0.5 and scan[:, 0].max() <= 1296 - 0.5 and scan[:, 1].max() <= 968 - 0.5
         assert scan[:, 0].max() > 1296 * 0.6 and scan[:, 1].max() > 968 * 0.6  # spread over the original size
@@ -173,9 +197,9 @@ def test_full_size_export_keeps_pixels(tmp_path, shared_data, features_config, e
     with h5py.File(tmp_path / "logs" / "full" / "features.h5", "r") as h5:
         keypoints = h5["crop.png/keypoints"][()]
         assert h5["crop.png/image_size"][()].tolist() == [131, 101]
-    direct = extractor.extract(torch.from_numpy(grey(root / "crop.png"))[None, None])
+    direct = extractor.extract(torch.from_numpy(cv2.imread(str(root / "crop.png"), cv2.IMREAD_GRAYSCALE)))
     assert np.array_equal(keypoints, direct["keypoints"][0, direct["mask"][0]][:500].numpy())
-    assert keypoints[:, 0].max() < 128 and keypoints[:, 1].max() < 96  # inside the multiple-of-8 crop
+    assert keypoints[:, 0].max() < 128 and keypoints[:, 1].max() < 96  # in whole cells only
 
 
 def group_arrays(path, name):

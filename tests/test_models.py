@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from models import get_model
-from models.extractor import SuperPointExtractor, check_image_size
+from models.extractor import SuperPointExtractor
 from utils.checkpoints import load_weights_into, save_checkpoint
 from utils.io import DataError
 
@@ -94,12 +94,13 @@ def test_bad_weights_give_clear_errors(tmp_path, magicleap_weights):
         load_weights_into(get_model("SuperPointNet_gauss2"), tmp_path / "missing.pth")
 
 
-def test_image_size_must_be_multiple_of_8():
-    with pytest.raises(ValueError, match="241x320 is not a multiple of 8"):
-        check_image_size(241, 320)
+def test_any_image_size_gives_the_cells_the_pooling_keeps():
+    # Three 2x2 poolings floor each side: 100 x 60 has 12 x 7 whole cells, a 96 x 56 heatmap.
     extractor = SuperPointExtractor()
-    with pytest.raises(ValueError, match="not a multiple of 8"):
-        extractor(torch.rand(1, 1, 100, 60))
+    out = extractor(torch.rand(1, 1, 100, 60))
+    assert out["heatmap"].shape == (1, 96, 56) and out["dense_descriptors"].shape == (1, 256, 12, 7)
+    with pytest.raises(ValueError, match="at least 8"):
+        extractor(torch.rand(1, 1, 7, 60))
 
 
 def test_extractor_is_always_in_eval_mode():

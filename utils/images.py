@@ -2,8 +2,9 @@
 network is fed at. Datasets, exports and scripts read and list images only through here.
 
 Images become (1, H, W) float32 tensors in [0, 1]; a resize is OpenCV's INTER_AREA to exactly (H, W)
-(the reference resized the same way, without keeping the aspect ratio). The network needs H and W
-divisible by 8, which `check_resize` and `network_size` guarantee.
+(the reference resized the same way, without keeping the aspect ratio). Training and HPatches sizes
+are multiples of 8 (`check_resize`); the feature export reads and sizes images as hloc does
+(`read_grey_decoded`, `network_size`, `resize_as_float`).
 """
 from __future__ import annotations
 
@@ -38,6 +39,31 @@ def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
     if grayscale:
         image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
     return image
+
+
+def read_grey_decoded(path: str | Path, exif_orientation: bool = False) -> np.ndarray:
+    """Read an image file as grey uint8 (H, W) the way hloc (and COLMAP) read it: the decoder's own grey
+    (for a JPEG its luma plane, which can differ by one level from BGR decoding + cvtColor) and, unless
+    `exif_orientation`, the stored pixel grid whatever the EXIF orientation tag says, so that features
+    are in the frame of the pixels those tools read. An unreadable file is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: image file not found")
+    flags = cv2.IMREAD_GRAYSCALE | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
+    image = cv2.imread(str(path), flags)
+    if image is None:
+        raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
+    return image
+
+
+def resize_as_float(image: np.ndarray, size: Sequence[int]) -> torch.Tensor:
+    """uint8 grey (H0, W0) -> (1, H, W) float32 in [0, 1] as hloc prepares it: converted to float first
+    (no rounding back to 8 bits), resized to size (H, W) with INTER_AREA, INTER_LINEAR when enlarging."""
+    image = image.astype(np.float32)
+    if image.shape != tuple(size):
+        enlarging = size[0] > image.shape[0] or size[1] > image.shape[1]
+        image = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_LINEAR if enlarging else cv2.INTER_AREA)
+    return torch.from_numpy(image / 255.0)[None]
 
 
 def image_to_tensor(image: np.ndarray, size: Sequence[int] | None = None) -> torch.Tensor:
@@ -121,27 +147,34 @@ def check_resize(resize, source: str = "data") -> tuple[int, int]:
 
 def check_preprocessing(preprocessing: Mapping, source: str = "data") -> dict:
     """Checked `preprocessing` of a feature export: at most one of resize ([H, W], multiples of 8) and
-    max_edge (an integer >= 8); see `network_size`."""
+    max_edge (an integer >= 8), see `network_size`; resize_force and exif_orientation booleans
+    (default false)."""
     resize, max_edge = preprocessing.get("resize"), preprocessing.get("max_edge")
+    flags = {key: preprocessing.get(key) or False for key in ("resize_force", "exif_orientation")}
+    for key, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: 'preprocessing.{key}' is {value!r}; expected true or false")
     if resize is not None and max_edge is not None:
         raise ConfigError(f"{source}: set one of 'preprocessing.resize' and 'preprocessing.max_edge', not both")
     if resize is not None:
         resize = list(check_resize(resize, source))
     if max_edge is not None:
         max_edge = check_int(max_edge, "preprocessing.max_edge", source, minimum=8, example=1024)
-    return {"resize": resize, "max_edge": max_edge}
+    return {"resize": resize, "max_edge": max_edge, **flags}
 
 
 def network_size(height: int, width: int, preprocessing: Mapping) -> tuple[int, int]:
     """(H, W) an image of size (height, width) is resized to before extraction:
       resize: [H, W]  exactly H x W;
-      max_edge: M     shrunk (never enlarged) so the longer side is at most M, each side rounded down to
-                      a multiple of 8 (per-axis factors, so the aspect ratio changes by < 8 px);
-      neither         the image's own size (the extractor crops to multiples of 8)."""
+      max_edge: M     hloc's resize_max: when the longer side exceeds M (always, with resize_force), both
+                      sides scaled by M / longer side and rounded to the nearest integer (a 900 x 600
+                      image at M = 640 becomes 640 x 427);
+      neither         the image's own size.
+    Sizes need not be multiples of 8 (models.extractor: the last partial cells get no keypoints)."""
     if preprocessing.get("resize"):
         return tuple(preprocessing["resize"])
     max_edge = preprocessing.get("max_edge")
-    if max_edge and max(height, width) > max_edge:
+    if max_edge and (preprocessing.get("resize_force") or max(height, width) > max_edge):
         scale = max_edge / max(height, width)
-        return max(8, int(height * scale) // 8 * 8), max(8, int(width * scale) // 8 * 8)
+        return max(8, int(round(height * scale))), max(8, int(round(width * scale)))
     return height, width

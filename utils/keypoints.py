@@ -142,20 +142,39 @@ def extract_keypoints(heatmap: torch.Tensor, threshold: float, nms_radius: int, 
     return list(zip(points.split(counts), scores.split(counts)))
 
 
-def sample_descriptors(descriptors: torch.Tensor, keypoints: torch.Tensor, cell: int = CELL) -> torch.Tensor:
+DESCRIPTOR_SAMPLING = ("exact", "superglue")
+
+
+def sample_descriptors(descriptors: torch.Tensor, keypoints: torch.Tensor, cell: int = CELL,
+                       mode: str = "exact") -> torch.Tensor:
     """Bilinearly interpolate a coarse descriptor map at pixel positions and L2-normalise.
 
-    descriptors: (B, D, Hc, Wc); the descriptor of cell (i, j) describes the cell's centre, pixel
-    (8j + 3.5, 8i + 3.5). keypoints: (B, N, 2) x, y pixels (sub-pixel allowed).
-    Returns (B, N, D) float32 unit vectors. Points beyond the outer cell centres take the border value.
+    descriptors: (B, D, Hc, Wc). keypoints: (B, N, 2) x, y pixels (sub-pixel allowed).
+    Returns (B, N, D) float32 unit vectors.
+
+    mode 'exact': the descriptor of cell (i, j) describes the cell's centre, pixel (8j + 3.5, 8i + 3.5),
+      so a point x reads the map at column u = (x - 3.5) / 8 (rows alike). Points beyond the outer cell
+      centres take the border value. This project's training and evaluation use it.
+    mode 'superglue': the sampling of MagicLeap's SuperGlue code, which LightGlue and hloc keep so that
+      the matchers trained on it get what they expect: the map is read at
+      u = (x - 3.5) / (8 Wc - 4.5) * (Wc - 1), i.e. column 0 at x = 3.5 but column Wc - 1 at x = 8 Wc - 1,
+      up to 3.5 px up-left of the cell centre at the far edge; outside the map it blends with zeros.
+      MagicLeap's published weights and the matchers trained on their features (SuperGlue, LightGlue)
+      saw descriptors sampled this way.
     """
+    if mode not in DESCRIPTOR_SAMPLING:
+        raise ValueError(f"descriptor sampling is {mode!r}; expected one of {DESCRIPTOR_SAMPLING}")
     b, d, hc, wc = descriptors.shape
     if keypoints.shape[1] == 0:
         return descriptors.new_zeros((b, 0, d), dtype=torch.float32)
-    centre = (cell - 1) / 2
-    u = (keypoints[..., 0].float() - centre) / cell
-    v = (keypoints[..., 1].float() - centre) / cell
-    grid = torch.stack([2 * u / max(wc - 1, 1) - 1, 2 * v / max(hc - 1, 1) - 1], dim=-1)
-    sampled = F.grid_sample(descriptors.float(), grid[:, None], mode="bilinear", padding_mode="border",
+    points = keypoints.float() - (cell - 1) / 2
+    if mode == "exact":
+        grid = 2 * (points / cell) / points.new_tensor([max(wc - 1, 1), max(hc - 1, 1)]) - 1
+        padding = "border"
+    else:
+        grid = 2 * points / points.new_tensor([wc * cell - cell / 2 - 0.5, hc * cell - cell / 2 - 0.5]) - 1
+        padding = "zeros"
+    # align_corners=True: grid -1 and 1 are the centres of the outer cells.
+    sampled = F.grid_sample(descriptors.float(), grid[:, None], mode="bilinear", padding_mode=padding,
                             align_corners=True)  # (B, D, 1, N)
     return F.normalize(sampled[:, :, 0].transpose(1, 2), dim=-1)

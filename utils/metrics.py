@@ -21,6 +21,7 @@ from utils.keypoints import extract_keypoints, logits_to_heatmap, sample_descrip
 from utils.matching import mutual_nearest_neighbours
 
 HOMOGRAPHY_THRESHOLDS = (1, 3, 5, 10, 20, 50)
+AUC_THRESHOLDS = (1, 3, 5)  # pixels of mean corner error, as LightGlue and glue-factory report HPatches
 RANSAC_REPROJ_THRESHOLD = 3.0  # OpenCV's default, used by the reference
 NN_MAP_MAX_DISTANCE = 1.2  # descriptor distance below which NN matches enter the mAP (reference)
 
@@ -125,6 +126,28 @@ def homography_correctness(mean_corner_error: float, thresholds: Sequence[float]
     incorrect at every eps."""
     err = float(mean_corner_error)
     return np.array([np.isfinite(err) and err <= eps for eps in thresholds], dtype=bool)
+
+
+def homography_auc(corner_errors: Sequence[float], thresholds: Sequence[float] = AUC_THRESHOLDS
+                   ) -> Optional[dict]:
+    """Area under the recall curve of the mean corner error, up to each threshold t, divided by t.
+
+    The recall curve joins (0, 0) and (e_i, i / n) for the n sorted errors by straight lines and stays
+    flat after the last error below t: AUC@t = (1 / t) * integral over [0, t]. A failed estimate (nan
+    or inf) counts as an infinite error: it stays in n and is never recalled. This is the AUC of
+    LightGlue's and glue-factory's HPatches tables. Returns {str(t): AUC in [0, 1]}, None without pairs.
+    """
+    errors = np.sort(np.nan_to_num(np.asarray(corner_errors, dtype=np.float64), nan=np.inf))
+    n = len(errors)
+    if n == 0:
+        return None
+    out = {}
+    for t in thresholds:
+        k = int(np.sum(errors < t))
+        x = np.r_[0.0, errors[:k], t]
+        y = np.r_[0.0, np.arange(1, k + 1) / n, k / n]
+        out[str(t)] = float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2) / t)
+    return out
 
 
 def correct_matches(matches: np.ndarray, homography: np.ndarray, distance_thresh: float = 3) -> np.ndarray:

@@ -43,11 +43,8 @@ runs/<task>/<exper>_<date>.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
-import signal
-import threading
 import time
 from functools import partial
 from itertools import islice
@@ -67,7 +64,7 @@ from models import extractor, get_model
 from utils import precision as precision_lib
 from utils.backends import TorchBackend
 from utils.checkpoints import checkpoint_name, latest_checkpoint, restore_training, save_checkpoint
-from utils.cli import tensorboard_dir
+from utils.cli import signals_as_interrupt, tensorboard_dir
 from utils.config import (IGNORED, OPEN, ConfigError, check_choice, check_int, check_list, check_number,
                           check_positive, combine, dump_config, load_config, require)
 from utils.distributed import (ResumableSampler, default_device, derived_seed,
@@ -426,7 +423,7 @@ class Trainer:
                         desc="train", unit="it")
         batches = self._batches()
         try:
-            with _sigterm_as_interrupt():
+            with signals_as_interrupt():  # SIGTERM too: a scheduler's `kill` saves a checkpoint
                 while self.n_iter < train_iter:
                     t0 = time.perf_counter()
                     batch = next(batches)
@@ -508,24 +505,6 @@ def _network_input(batch: Mapping) -> torch.Tensor:
     if "warped_img" in batch:
         return torch.cat([batch["image"], batch["warped_img"]])
     return batch["image"]
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (schedulers, `kill`) raises KeyboardInterrupt like Ctrl-C, so a checkpoint is saved
-    (in the main thread only, where Python delivers signals)."""
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def add_arguments(parser) -> None:

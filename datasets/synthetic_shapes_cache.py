@@ -36,7 +36,8 @@ from tqdm import tqdm
 from datasets.synthetic_shapes import GENERATOR_VERSION, PRIMITIVES, SPLITS, ShapesSettings, render_sample, \
     shapes_settings, split_samples
 from utils import precision
-from utils.io import DataError, load_npz, save_npz, write_json
+from utils.io import DataError, load_npz, read_json, save_npz, write_json
+from utils.runs import flatten
 
 log = logging.getLogger(__name__)
 
@@ -129,21 +130,18 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _read_manifest(cache: Path):
-    path = cache / "manifest.json"
-    if not path.is_file():
-        return None
+    """The manifest, None without one, {} when it is unreadable (the cache is then regenerated)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("synthetic shapes: %s is unreadable (%s); the cache will be regenerated", path, e)
+        return read_json(cache / "manifest.json")
+    except DataError as e:
+        log.warning("synthetic shapes: %s; the cache will be regenerated", e)
         return {}
 
 
-def _differences(old, new, prefix="") -> list:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new), key=str)
-                for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+def _differences(old, new) -> list:
+    """'key: old -> new' of the dotted keys whose values differ."""
+    a, b = flatten(old or {}), flatten(new or {})
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def ensure_cache(data_path, settings, workers: int | None = None, splits=("training", "validation")) -> Path:

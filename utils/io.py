@@ -90,6 +90,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json(path: str | Path):
+    """The JSON value in a file, or None when there is no file; an unreadable one is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable JSON ({e})") from e
+
+
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 

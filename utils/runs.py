@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from utils.config import ConfigError, to_plain
-from utils.io import write_json
+from utils.io import DataError, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +129,10 @@ def describe_differences(diffs: list) -> str:
 
 
 def read_record(folder: str | Path) -> Optional[dict]:
-    path = Path(folder) / RECORD_NAME
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        log.warning("%s is unreadable (%s); treating the folder as unrecorded", path, e)
+        return read_json(Path(folder) / RECORD_NAME)
+    except DataError as e:
+        log.warning("%s; treating the folder as unrecorded", e)
         return None
 
 

@@ -122,11 +122,11 @@ def check_matching(matching: Mapping, source: str) -> dict:
 
 def load_features_config(path: str | Path, weights=None, resize=None, max_edge=None, precision=None) -> dict:
     """The config file with the command-line overrides (None: the config's value); `resize` or
-    `max_edge` replaces the whole data.preprocessing."""
+    `max_edge` replaces both of data.preprocessing's size keys."""
     conf = load_config(path, schema)
     require(conf, "data.root", path)
     if resize or max_edge:
-        conf["data"]["preprocessing"] = {"resize": list(resize) if resize else None, "max_edge": max_edge}
+        conf["data"]["preprocessing"].update(resize=list(resize) if resize else None, max_edge=max_edge)
     conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], path)
     conf["matching"] = check_matching(conf["matching"], path)
     return extractor_lib.apply_overrides(conf, weights, precision=precision)

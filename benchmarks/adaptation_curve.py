@@ -16,8 +16,11 @@ fixed threshold, and repeatability rises with the number of points whatever thei
         [--resize 240 320] [--precision auto] [--json FILE] [--plot FILE.png]
 
 Variants (the homographies and aggregation of the adaptation):
-  export    the label export's homographies (configs/magicpoint_coco_export.yaml), masked mean
-  default   utils.homography_adaptation's built-in defaults (patch ratio 0.5, rotations up to 90 degrees)
+  export    utils.homography_adaptation's defaults: the label exports' homographies (patch 0.85, scaling
+            and perspective 0.2, artifacts allowed), masked mean
+  zoom      the homography sampler's own defaults (TensorFlow SuperPoint's: patch 0.5, amplitudes 0.1,
+            no artifacts), the adaptation's default before it was found to cost repeatability
+  mild      the export's homographies without rotation and with amplitudes 0.1
   max       the export's homographies, max aggregation
 """
 import argparse
@@ -36,12 +39,12 @@ from utils.geometry import HOMOGRAPHY_DEFAULTS  # noqa: E402
 from utils.keypoints import extract_keypoints  # noqa: E402
 from utils.metrics import repeatability  # noqa: E402
 
-EXPORT_HOMOGRAPHIES = {"translation": True, "rotation": True, "scaling": True, "perspective": True,
-                       "scaling_amplitude": 0.2, "perspective_amplitude_x": 0.2, "perspective_amplitude_y": 0.2,
-                       "allow_artifacts": True, "patch_ratio": 0.85}
+EXPORT_HOMOGRAPHIES = ha.ADAPTATION_HOMOGRAPHIES
 VARIANTS = {
+    "mild": {"homographies": {**EXPORT_HOMOGRAPHIES, "rotation": False, "scaling_amplitude": 0.1,
+                              "perspective_amplitude_x": 0.1, "perspective_amplitude_y": 0.1}, "aggregation": "mean"},
     "export": {"homographies": EXPORT_HOMOGRAPHIES, "aggregation": "mean"},
-    "default": {"homographies": dict(HOMOGRAPHY_DEFAULTS), "aggregation": "mean"},
+    "zoom": {"homographies": dict(HOMOGRAPHY_DEFAULTS), "aggregation": "mean"},
     "max": {"homographies": EXPORT_HOMOGRAPHIES, "aggregation": "max"},
 }
 NMS, BORDER, THRESHOLD, THRESHOLD_TOP_K, DISTANCE = 4, 4, 0.015, 1000, 3

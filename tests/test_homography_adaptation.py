@@ -180,8 +180,8 @@ def test_chunk_size_does_not_change_the_result():
 
 
 def test_sampled_homographies_start_with_identity_and_fit_the_image():
-    homs = ha.sample_adaptation_homographies(2, 6, 240, 320, ha.default_conf["homographies"]["params"],
-                                             np.random.default_rng(0))
+    no_artifacts = {**ha.default_conf["homographies"]["params"], "allow_artifacts": False}
+    homs = ha.sample_adaptation_homographies(2, 6, 240, 320, no_artifacts, np.random.default_rng(0))
     assert homs.shape == (2, 6, 3, 3) and homs.dtype == torch.float64
     assert torch.equal(homs[:, 0], torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
     assert not torch.allclose(homs[0, 1], homs[1, 1])  # each image its own views
@@ -191,6 +191,14 @@ def test_sampled_homographies_start_with_identity_and_fit_the_image():
     src = torch.einsum("nij,kj->nki", torch.linalg.inv(homs[0, 1:]), F.pad(corners, (0, 1), value=1.0))
     src = src[..., :2] / src[..., 2:]
     assert bool((src >= -0.5).all() and (src[..., 0] <= 319.5).all() and (src[..., 1] <= 239.5).all())
+
+
+def test_default_homographies_are_the_label_exports():
+    # The HPatches export's detector adaptation and the label exports draw the same kind of views.
+    for name in ("magicpoint_coco_export.yaml", "magicpoint_mix_export.yaml"):
+        params = load_yaml(REPO / "configs" / name)["data"]["homography_adaptation"]["homographies"]["params"]
+        merged = ha.merged_conf({"homographies": {"params": params}})["homographies"]["params"]
+        assert merged == ha.default_conf["homographies"]["params"], name
 
 
 def test_bad_conf_values_are_reported_by_key():

@@ -3,7 +3,7 @@ orchestration. Metrics live in utils.metrics, processes and devices in utils.dis
 call in utils.backends, checkpoint names and discovery in utils.checkpoints.
 
 The reference trained the same way (image and warped pair, detector loss on both, the descriptor loss
-weighted by `lambda_loss`, Adam, checkpoints `superPointNet_<n>_checkpoint.pth.tar`), but validated with
+weighted by `lambda_loss`, Adam, checkpoints in its format: utils.checkpoints), but validated with
 the network in train mode (BatchNorm batch statistics), dropped the optimizer state on resume, ran
 train_iter + 1 steps, ignored its seeds, and its --eval flag did nothing; this trainer fixes those, and
 offers the paper's `cross_entropy` detector loss beside the reference's BCE on the softmax.

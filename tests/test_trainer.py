@@ -275,13 +275,14 @@ def test_detection_metrics_by_hand():
 
 # ---------------------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize("name", ["magicpoint_shapes_pair.yaml", "magicpoint_shapes_quick.yaml"])
+@pytest.mark.parametrize("name", ["magicpoint_shapes_pair.yaml", "magicpoint_shapes_quick.yaml",
+                                  "magicpoint_shapes_pretrained.yaml", "superpoint_mix_train.yaml",
+                                  "superpoint_coco_train_heatmap.yaml"])
 def test_shipped_configs_validate(name):
-    from datasets.SyntheticDataset_gaussian import SyntheticDataset_gaussian
     from utils.config import load_config
     conf = load_config(REPO / "configs" / name, trainer_lib.default_conf)
-    merge(SyntheticDataset_gaussian.default_conf, conf["data"], source=name)
-    assert conf["data"]["dataset"] == "SyntheticDataset_gaussian"
+    dataset = datasets.get_dataset_class(conf["data"]["dataset"])
+    merge(dataset.default_conf, conf["data"], source=name)
 
 
 def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path):

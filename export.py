@@ -13,6 +13,7 @@ import sys
 
 from utils import precision
 from utils import runs
+from utils.backends import BACKEND_NAMES
 from utils.cli import exit_on_error, setup_logging
 from utils.config import load_yaml
 
@@ -40,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--debug", action="store_true", help="DEBUG logging")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default=None,
                         help="network precision (overrides model.precision)")
+    parser.add_argument("--backend", choices=list(BACKEND_NAMES), default=None,
+                        help="runtime of the network (overrides model.backend; utils/backends.py)")
     parser.add_argument("--threads", type=threads_arg, default=None,
                         help="CPU threads: N or auto (overrides model.threads; auto leaves the cores other "
                              "processes use free)")

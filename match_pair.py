@@ -2,6 +2,7 @@
 
     python match_pair.py IMG1 IMG2 [--weights W] [--output matches.png] [--resize H W | --max-edge N]
                          [--nn-thresh 0.7] [--top-k K] [--precision fp32|bf16|fp16|auto]
+                         [--backend torch|onnxruntime|openvino|auto]
 
 Mutual nearest-neighbour matches of the descriptors closer than --nn-thresh, a RANSAC homography
 (3 px, seeded), and a PNG of both images with inliers in green and outliers in red. Prints the keypoint,
@@ -17,6 +18,7 @@ from pathlib import Path
 from models.extractor import SuperPointExtractor
 from pipeline.export_features import extract_file
 from utils import draw, metrics
+from utils.backends import BACKEND_NAMES
 from utils.cli import exit_on_error
 from utils.distributed import default_device
 from utils.images import check_preprocessing, read_image
@@ -36,6 +38,8 @@ def parse_args(argv):
     parser.add_argument("--nn-thresh", type=float, default=0.7, help="maximum descriptor distance of a match")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k best keypoints per image (0: all)")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "auto"], default="fp32")
+    parser.add_argument("--backend", choices=list(BACKEND_NAMES), default="torch",
+                        help="runtime of the network (utils/backends.py; auto: the fastest here)")
     return parser.parse_args(argv)
 
 
@@ -54,7 +58,8 @@ def main(argv=None):
     preprocessing = check_preprocessing({"resize": list(args.resize) if args.resize else None,
                                          "max_edge": args.max_edge}, "command line")
     extractor = SuperPointExtractor.from_weights(args.weights or default_weights(), device=default_device(),
-                                                 top_k=args.top_k, precision=args.precision)
+                                                 top_k=args.top_k, precision=args.precision,
+                                                 backend=args.backend)
     f1, f2 = (extract_file(extractor, path, preprocessing) for path in (args.image1, args.image2))
     matches = metrics.mutual_nn_matches(f1["keypoints"], f1["descriptors"].T, f2["keypoints"], f2["descriptors"].T,
                                         max_distance=args.nn_thresh)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models import get_model
-from utils.backends import TorchBackend
+from utils.backends import make_backend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, merge
 from utils.io import DataError
@@ -33,6 +33,7 @@ default_conf = {
     # exact | superglue: where descriptors are read from the coarse map (utils.keypoints.sample_descriptors)
     "descriptor_sampling": "exact",
     "precision": "fp32",
+    "backend": "torch",  # torch | onnxruntime | openvino | auto (utils.backends)
     "channels_last": "auto",  # true, false, or auto (see utils.precision.use_channels_last)
     "threads": "auto",  # CPU threads of the export commands: N or auto (utils.precision.set_threads)
 }
@@ -130,7 +131,8 @@ class SuperPointExtractor(nn.Module):
         self.net = get_model(self.conf["name"], self.conf["params"])
         if self.conf["pretrained"]:
             load_weights_into(self.net, self.conf["pretrained"])
-        self.backend = TorchBackend(self.net, self.device, self.conf["precision"], self.conf["channels_last"])
+        self.backend = make_backend(self.conf["backend"], self.net, self.device, self.conf["precision"],
+                                    self.conf["channels_last"])
         self.precision, self.channels_last = self.backend.precision, self.backend.channels_last
         self.net.eval()
 

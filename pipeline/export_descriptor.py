@@ -60,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_export_config(path: str | Path, weights=None, resize=None, **model_keys) -> dict:
     """The config file merged with the defaults and the command-line overrides: `weights`, `resize`
-    [H, W] (data.preprocessing.resize) and model keys (nms, detection_threshold, top_k, precision;
+    [H, W] (data.preprocessing.resize) and model keys (nms, detection_threshold, top_k, precision, backend;
     None keeps the config's value)."""
     conf = load_config(path, schema)
     if resize:
@@ -160,7 +160,8 @@ def superpoint_describer(extractor: extractor_lib.SuperPointExtractor, nn_thresh
 
 def run(args) -> dict:
     conf = load_export_config(args.config, args.weights, args.resize, nms=args.nms, top_k=args.top_k,
-                              detection_threshold=args.detection_threshold, precision=args.precision)
+                              detection_threshold=args.detection_threshold, precision=args.precision,
+                              backend=args.backend)
     dataset = patches_dataset.PatchesDataset(conf["data"], data_path=settings.DATA_PATH, source=args.config)
     extractor = extractor_lib.SuperPointExtractor(
         {k: v for k, v in conf["model"].items() if k in extractor_lib.default_conf}, device=default_device())

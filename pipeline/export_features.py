@@ -120,7 +120,8 @@ def check_matching(matching: Mapping, source: str) -> dict:
     return out
 
 
-def load_features_config(path: str | Path, weights=None, resize=None, max_edge=None, precision=None) -> dict:
+def load_features_config(path: str | Path, weights=None, resize=None, max_edge=None, precision=None,
+                         backend=None) -> dict:
     """The config file with the command-line overrides (None: the config's value); `resize` or
     `max_edge` replaces both of data.preprocessing's size keys."""
     conf = load_config(path, schema)
@@ -129,7 +130,7 @@ def load_features_config(path: str | Path, weights=None, resize=None, max_edge=N
         conf["data"]["preprocessing"].update(resize=list(resize) if resize else None, max_edge=max_edge)
     conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], path)
     conf["matching"] = check_matching(conf["matching"], path)
-    return extractor_lib.apply_overrides(conf, weights, precision=precision)
+    return extractor_lib.apply_overrides(conf, weights, precision=precision, backend=backend)
 
 
 def _is_complete(h5: h5py.File, name: str) -> bool:
@@ -251,7 +252,8 @@ def export_matches(features: Path, pairs_path: Path, output: Path, matching: Map
 
 
 def run(args) -> dict:
-    conf = load_features_config(args.config, args.weights, args.resize, args.max_edge, args.precision)
+    conf = load_features_config(args.config, args.weights, args.resize, args.max_edge, args.precision,
+                                getattr(args, "backend", None))
     if args.pairs:
         conf["matching"]["pairs"] = args.pairs
     root = resolve_path(conf["data"]["root"], "root", Path(settings.DATA_PATH), args.config)

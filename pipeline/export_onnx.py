@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import cv2
@@ -31,6 +30,7 @@ from torch import nn
 
 import settings
 from models import extractor as extractor_lib
+from utils.backends import ONNX_OPSET, onnx_output_names, write_onnx
 from utils.config import ConfigError, dump_config, load_yaml, merge
 from utils.images import read_image
 from utils.io import DataError, write_json
@@ -38,7 +38,6 @@ from utils.keypoints import logits_to_heatmap
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
 VALIDATION_SIZES = ((240, 320), (480, 640))
 MAX_HEATMAP_DIFFERENCE = 1e-4
 
@@ -49,39 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output the keypoint heatmap (B, H, W) instead of the logits (B, 65, H/8, W/8)")
     parser.add_argument("--output", help="ONNX file to write (default EXPER_PATH/<exper>/superpoint.onnx)")
     parser.add_argument("--image", help="image to validate the export on (default: scikit-image's camera)")
-    parser.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
-
-
-class OnnxGraph(nn.Module):
-    """The network with named tensor outputs: image -> (semi or heatmap, descriptors)."""
-
-    def __init__(self, net: nn.Module, heatmap: bool = False):
-        super().__init__()
-        self.net, self.heatmap = net, heatmap
-
-    def forward(self, image: torch.Tensor):
-        out = self.net(image)
-        return (logits_to_heatmap(out["semi"]) if self.heatmap else out["semi"]), out["desc"]
-
-
-def output_names(heatmap: bool) -> list[str]:
-    return ["heatmap" if heatmap else "semi", "descriptors"]
-
-
-def write_onnx(net: nn.Module, path: str | Path, heatmap: bool = False, opset: int = OPSET) -> None:
-    """Export `net` (fp32, eval mode) to `path` with dynamic batch, height and width."""
-    first = output_names(heatmap)[0]
-    axes = {"image": {0: "batch", 2: "height", 3: "width"},
-            "descriptors": {0: "batch", 2: "cells_y", 3: "cells_x"},
-            first: {0: "batch", 1: "height", 2: "width"} if heatmap else {0: "batch", 2: "cells_y", 3: "cells_x"}}
-    example = torch.zeros(1, 1, 64, 64)
-    with warnings.catch_warnings():
-        # torch.export's exporter needs onnxscript and static-shape guards for the /8 sizes; the
-        # TorchScript exporter writes this plain convolutional network with dynamic axes directly.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(OnnxGraph(net, heatmap).eval(), (example,), str(path), input_names=["image"],
-                          output_names=output_names(heatmap), dynamic_axes=axes, opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+    parser.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
 
 
 def validation_image(path: str | None) -> np.ndarray:
@@ -101,7 +68,7 @@ def compare(net: nn.Module, session, image: np.ndarray, heatmap_output: bool, mo
         x = x[None, None]
         with torch.inference_mode():
             ref = net(x)
-        first, desc = session.run(output_names(heatmap_output), {"image": x.numpy()})
+        first, desc = session.run(onnx_output_names(heatmap_output), {"image": x.numpy()})
         got_heat = torch.from_numpy(first) if heatmap_output else logits_to_heatmap(torch.from_numpy(first))
         ref_heat = logits_to_heatmap(ref["semi"])
         ref_kp = extractor_lib.keypoints_from_heatmap(ref_heat, pixels)[0][0]
@@ -150,7 +117,7 @@ def run(args) -> dict:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    report.update({"onnx": str(output), "outputs": output_names(args.heatmap), "opset": args.opset,
+    report.update({"onnx": str(output), "outputs": onnx_output_names(args.heatmap), "opset": args.opset,
                    "weights": str(model["pretrained"]), "network": model["name"], "torch": torch.__version__,
                    "onnxruntime": ort.__version__, "image": args.image or "skimage.data.camera"})
     write_json(exper_dir / "export_onnx.json", report)

@@ -66,16 +66,16 @@ def config_schema(dataset_name: str) -> dict:
     }
 
 
-def load_adaptation_config(path: str | Path, weights=None, precision=None) -> dict:
-    """The export config merged over `config_schema` of its dataset, with the command-line `weights`
-    and `precision` (None: the config's); no weights at all is a ConfigError."""
+def load_adaptation_config(path: str | Path, weights=None, precision=None, backend=None) -> dict:
+    """The export config merged over `config_schema` of its dataset, with the command-line `weights`,
+    `precision` and `backend` (None: the config's); no weights at all is a ConfigError."""
     raw = load_yaml(path)
     dataset_name = (raw.get("data") or {}).get("dataset")
     if dataset_name not in DATASETS:
         raise ConfigError(f"{path}: 'data.dataset' is {dataset_name!r}; homography adaptation exports "
                           f"one of {list(DATASETS)}")
     conf = extractor_lib.apply_overrides(merge(config_schema(dataset_name), raw, source=str(path)), weights,
-                                         precision=precision)
+                                         precision=precision, backend=backend)
     if not conf["model"]["pretrained"]:
         raise ConfigError(f"{path}: no weights: set 'pretrained' (or 'model.pretrained') to a MagicPoint "
                           f"checkpoint or MagicLeap's superpoint_v1.pth (with model.name SuperPointNet_pretrained)")
@@ -195,7 +195,7 @@ OUTPUTS = ("**/*.npz", "**/*.png", "export.txt")
 
 
 def run(args) -> dict:
-    conf = load_adaptation_config(args.config, args.weights, args.precision)
+    conf = load_adaptation_config(args.config, args.weights, args.precision, getattr(args, "backend", None))
     ctx = distributed_context()
     rank, world_size = ctx.rank, ctx.world_size
     init_process_group(ctx, "gloo")

@@ -8,18 +8,34 @@ always run in fp32). It keeps gradients: training calls it as it is, inference i
 
 A backend is an object that turns (B, 1, H, W) float images in [0, 1] into {'semi': (B, 65, H/8, W/8),
 'desc': (B, D, H/8, W/8)} fp32 tensors on its `device`, and says its `precision` (as configured),
-`concrete_precision` and `channels_last`. `TorchBackend` runs a PyTorch module; other runtimes (an
-exported ONNX graph, ...) plug in as further classes with the same call and attributes, registered in
-`BACKENDS` under the name a config gives.
+`concrete_precision` (what really ran) and `channels_last`. `model.backend` names one of `BACKENDS`:
+  torch        the PyTorch module under autocast (any device; training uses it)
+  onnxruntime  the network exported to ONNX (`write_onnx`), run by ONNX Runtime on the CPU, fp32 (its CPU
+               kernels have no bf16 convolutions): faster than PyTorch's fp32 convolutions
+  openvino     the same ONNX graph compiled by OpenVINO for the CPU, fp32 or bf16 (its inference
+               precision hint); on CPUs with AMX / AVX512-BF16 its bf16 is several times faster than
+               PyTorch's bf16 autocast
+  auto         `auto_backend`: what benchmarks/inference.py measured fastest for the device and precision
+Every backend's outputs are fp32 torch tensors, so post-processing (utils.keypoints) is shared.
 """
 from __future__ import annotations
 
+import collections
+import importlib.util
+import logging
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import nn
 
 from utils import precision as precision_lib
+from utils.keypoints import logits_to_heatmap
+
+log = logging.getLogger(__name__)
 
 
 def run_network(net: nn.Module, images: torch.Tensor, precision: str = "fp32", channels_last: bool = False,
@@ -67,4 +83,176 @@ class TorchBackend:
                            self.channels_last, self.device)
 
 
-BACKENDS = {"torch": TorchBackend}
+ONNX_OPSET = 17
+
+
+class OnnxGraph(nn.Module):
+    """A SuperPoint network with positional outputs for ONNX: image -> (semi or heatmap, descriptors)."""
+
+    def __init__(self, net: nn.Module, heatmap: bool = False):
+        super().__init__()
+        self.net, self.heatmap = net, heatmap
+
+    def forward(self, image: torch.Tensor):
+        out = self.net(image)
+        return (logits_to_heatmap(out["semi"]) if self.heatmap else out["semi"]), out["desc"]
+
+
+def onnx_output_names(heatmap: bool = False) -> list[str]:
+    return ["heatmap" if heatmap else "semi", "descriptors"]
+
+
+def write_onnx(net: nn.Module, path: str | Path, heatmap: bool = False, opset: int = ONNX_OPSET) -> None:
+    """Write `net` in fp32 inference mode (BatchNorm folded) to `path` as ONNX, with input `image`
+    (B, 1, H, W) and outputs `onnx_output_names(heatmap)`, batch, height and width dynamic."""
+    first = onnx_output_names(heatmap)[0]
+    cells = {0: "batch", 2: "cells_y", 3: "cells_x"}
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "descriptors": cells,
+            first: {0: "batch", 1: "height", 2: "width"} if heatmap else cells}
+    was_training = net.training
+    net.eval()
+    try:
+        with warnings.catch_warnings():
+            # The torch.export-based exporter needs onnxscript and guards on the /8 sizes; the TorchScript
+            # exporter writes this plain convolutional network with dynamic axes directly.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(OnnxGraph(net, heatmap), (torch.zeros(1, 1, 64, 64),), str(path),
+                              input_names=["image"], output_names=onnx_output_names(heatmap), dynamic_axes=axes,
+                              opset_version=opset, do_constant_folding=True, dynamo=False)
+    finally:
+        net.train(was_training)
+
+
+class _OnnxBackend:
+    """Shared part of the backends that run the network's ONNX graph on the CPU: the export (once, at
+    the first call, so the network is in its final state), numpy in and fp32 torch tensors out."""
+
+    name = ""
+
+    def __init__(self, net: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 channels_last: bool | str = "auto"):
+        self.device = torch.device(device)
+        if self.device.type != "cpu":
+            raise ValueError(f"model.backend {self.name!r} runs on the CPU; use 'torch' (or 'auto') on {self.device}")
+        self.precision = precision
+        self.requested_precision = precision_lib.resolve(precision, self.device)
+        self.concrete_precision = self.requested_precision
+        self.channels_last = False  # the runtime chooses its own layouts
+        self.net = net.to(self.device)
+        self.threads = torch.get_num_threads()
+        self._runtime = None
+
+    def _compile(self, onnx_path: Path):
+        raise NotImplementedError
+
+    def _run(self, images: np.ndarray) -> list:
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor, module: Optional[nn.Module] = None) -> dict:
+        """images (B, 1, H, W) -> {'semi', 'desc'} fp32 CPU tensors. `module` is not supported: the
+        graph is the exported network (training uses the torch backend)."""
+        if module is not None and module is not self.net:
+            raise ValueError(f"backend {self.name!r} runs its exported network only")
+        if self._runtime is None:
+            with tempfile.TemporaryDirectory() as folder:
+                write_onnx(self.net, Path(folder) / "net.onnx")
+                self._runtime = self._compile(Path(folder) / "net.onnx")
+        x = images.detach().to("cpu", torch.float32).contiguous().numpy()
+        semi, desc = self._run(x)
+        return {"semi": torch.from_numpy(np.array(semi, dtype=np.float32)),
+                "desc": torch.from_numpy(np.array(desc, dtype=np.float32))}
+
+
+class OnnxRuntimeBackend(_OnnxBackend):
+    """ONNX Runtime on the CPU, always fp32 (a requested bf16 runs in fp32, said by `concrete_precision`)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.requested_precision != "fp32":
+            log.warning("model.backend onnxruntime runs in fp32 (its CPU kernels have no %s convolutions)",
+                        self.requested_precision)
+        self.concrete_precision = "fp32"
+
+    def _compile(self, onnx_path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = self.threads, 1
+        # Reads the file into the session: the temporary file may go after this.
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, images: np.ndarray) -> list:
+        return self._runtime.run(onnx_output_names(), {"image": images})
+
+
+class OpenVinoBackend(_OnnxBackend):
+    """OpenVINO on the CPU at fp32 or bf16 (its inference precision hint), compiled for each input shape
+    (static shapes compile to the fastest kernels); the last `MAX_SHAPES` shapes stay compiled."""
+
+    name = "openvino"
+    MAX_SHAPES = 8
+
+    def _compile(self, onnx_path: Path):
+        import openvino as ov
+
+        self._core = ov.Core()
+        self._compiled = collections.OrderedDict()  # (B, 1, H, W) -> infer request
+        return self._core.read_model(str(onnx_path))
+
+    def _request(self, shape: tuple):
+        if shape in self._compiled:
+            self._compiled.move_to_end(shape)
+            return self._compiled[shape]
+        model = self._runtime.clone()
+        model.reshape({"image": list(shape)})
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if self.requested_precision == "bf16" else "f32",
+                  "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        compiled = self._core.compile_model(model, "CPU", config)
+        used = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # 'f32' or 'bf16'
+        self.concrete_precision = "bf16" if used == "bf16" else "fp32"
+        self._compiled[shape] = compiled.create_infer_request()
+        while len(self._compiled) > self.MAX_SHAPES:
+            self._compiled.popitem(last=False)
+        return self._compiled[shape]
+
+    def _run(self, images: np.ndarray) -> list:
+        request = self._request(tuple(images.shape))
+        request.infer({"image": images})
+        # The request owns its output buffers (reused by the next call): callers get copies.
+        return [request.get_tensor(name).data.copy() for name in onnx_output_names()]
+
+
+BACKENDS = {"torch": TorchBackend, "onnxruntime": OnnxRuntimeBackend, "openvino": OpenVinoBackend}
+BACKEND_NAMES = (*BACKENDS, "auto")
+
+
+def installed(name: str) -> bool:
+    """Whether backend `name`'s package is importable (torch always is)."""
+    return name == "torch" or importlib.util.find_spec(name) is not None
+
+
+def auto_backend(device: torch.device | str, precision: str) -> str:
+    """The fastest backend measured by benchmarks/inference.py for the device and precision: on the CPU,
+    OpenVINO where the precision is bf16 (CPUs with bf16 units: 2-3x PyTorch's bf16), ONNX Runtime in
+    fp32 (1.2-1.5x PyTorch's channels-last fp32); PyTorch on GPUs and where the package is absent."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return "torch"
+    choice = "openvino" if precision_lib.resolve(precision, device) == "bf16" else "onnxruntime"
+    return choice if installed(choice) else "torch"
+
+
+def make_backend(name: str, net: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 channels_last: bool | str = "auto"):
+    """The backend `name` (`BACKEND_NAMES`; auto: `auto_backend`) running `net`. An unknown name or a
+    backend whose package is not installed is a ValueError naming `model.backend`."""
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"model.backend is {name!r}; expected one of {list(BACKEND_NAMES)}")
+    if name == "auto":
+        name = auto_backend(device, precision)
+    elif not installed(name):
+        raise ValueError(f"model.backend is {name!r} but the package is not installed (pip install {name}); "
+                         f"or use 'torch'")
+    return BACKENDS[name](net, device, precision, channels_last)

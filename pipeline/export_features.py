@@ -56,7 +56,7 @@ from tqdm import tqdm
 import settings
 from models import extractor as extractor_lib
 from utils import runs
-from utils.config import ConfigError, check_number, dump_config, load_config, require
+from utils.config import ConfigError, check_number, combine, dump_config, load_config, require
 from utils.distributed import default_device
 from utils.images import (IMAGE_SUFFIXES, check_preprocessing, list_images, network_size, read_grey_decoded,
                           resize_as_float, resolve_path)
@@ -74,7 +74,8 @@ default_matching = {"pairs": None, "max_distance": 0.7, "ratio": None, "mutual":
 schema = {
     "data": {"root": None, "preprocessing": default_preprocessing},
     "pretrained": None,
-    "model": extractor_lib.default_conf,
+    # The fast path by default (as label export): its keypoints match fp32 ones (tests/test_backend_parity.py).
+    "model": combine(extractor_lib.default_conf, {"backend": "auto", "precision": "auto"}),
     "matching": default_matching,
 }
 

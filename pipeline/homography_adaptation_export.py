@@ -56,7 +56,10 @@ def config_schema(dataset_name: str) -> dict:
     included); training-only keys are accepted and ignored."""
     return {
         "data": combine(get_dataset_class(dataset_name).default_conf, {"homography_adaptation": ha.default_conf}),
+        # Labels take the fast path by default: the fastest backend at the fastest precision, whose labels
+        # match fp32 ones (>= 95 % of points within 1 px, tests/test_backend_parity.py).
         "model": combine(extractor_lib.default_conf, {
+            "backend": "auto", "precision": "auto",
             "batch_size": IGNORED, "eval_batch_size": IGNORED, "learning_rate": IGNORED}),
         "training": OPEN,
         "pretrained": None,
@@ -170,7 +173,7 @@ def summary_text(conf: Mapping, counts: Mapping, dataset, world_size: int) -> st
     lines = [
         f"model: {model['pretrained']}",
         f"model_name: {model['name']}",
-        f"precision: {model['precision']}",
+        f"precision: {model['precision']}, backend: {model['backend']}",
         f"dataset: {conf['data']['dataset']} ({dataset.task}), {len(dataset)} images",
         f"homographies: {h['num'] if h['enable'] else 1}",
         f"aggregation: {h['aggregation']}, filter_counts: {h['filter_counts']}, "

@@ -145,7 +145,9 @@ def features_config(tmp_path, magicleap_weights, monkeypatch):
 
     def write(root, **preprocessing):
         conf = {"data": {"root": str(root), "preprocessing": preprocessing},
-                "model": {"name": "SuperPointNet_pretrained", "pretrained": str(magicleap_weights), "top_k": 500}}
+                # The fp32 torch path, so the tests can compare with the `extractor` fixture exactly.
+                "model": {"name": "SuperPointNet_pretrained", "pretrained": str(magicleap_weights), "top_k": 500,
+                          "backend": "torch", "precision": "fp32"}}
         path = tmp_path / "features.yaml"
         path.write_text(yaml.safe_dump(conf))
         return str(path)

@@ -9,9 +9,13 @@ Every row carries `forward_s_per_image`: the forwards alone at that row's chunk 
 it (interleaved repeats, best of each), and `forward_in_run_s`: the time the same run spent inside the
 network. `over_forwards_in_run` = s_per_image / forward_in_run_s is the cost of adaptation on top of
 the network (the target is at most 1.15) measured under the same load, which a shared machine needs.
+`plain_forwards_per_image` divides s_per_image by `fp32_forward_s`, one plain fp32 PyTorch forward of
+one image (contiguous layout, no autocast) measured in the same repeats: the unit of the issue targets.
+`--backend` and `--precision` choose how the network runs (utils/backends.py); `used_precision` is
+what it really ran. The header gives the CPU kind and the machine's load.
 
-    python benchmarks/homography_adaptation.py [--device cpu] [--precision fp32] [--num 100]
-        [--chunks 1 8 32 100] [--repeats 2] [--threads N] [--json FILE]
+    python benchmarks/homography_adaptation.py [--device cpu] [--backend torch] [--precision fp32]
+        [--num 100] [--chunks 1 8 32 100] [--repeats 2] [--threads N] [--json FILE]
 """
 import argparse
 import time
@@ -19,7 +23,9 @@ import time
 import numpy as np
 import torch
 
-from common import REPO, print_table, synchronize, write_json  # noqa: E402  (adds the repo to sys.path)
+from common import (REPO, cpu_description, machine_load, median_ms, print_table, synchronize,  # noqa: E402
+                    write_json)
+from utils.backends import BACKEND_NAMES  # noqa: E402
 import settings  # noqa: E402
 from utils.images import list_images, load_image  # noqa: E402
 from models.extractor import SuperPointExtractor  # noqa: E402
@@ -87,6 +93,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "auto"])
+    parser.add_argument("--backend", default="torch", choices=list(BACKEND_NAMES))
     parser.add_argument("--size", type=int, nargs=2, default=[240, 320], metavar=("H", "W"))
     parser.add_argument("--num", type=int, default=100, help="homographies per image")
     parser.add_argument("--chunks", type=int, nargs="+", default=[1, 8, 32, 100])
@@ -99,8 +106,10 @@ def main():
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     weights = REPO.parent / "shared" / "data" / "pretrained" / "superpoint_v1.pth"
-    extractor = SuperPointExtractor({"name": "SuperPointNet_pretrained", "precision": args.precision,
-                                     "pretrained": str(weights) if weights.exists() else None}, device=device)
+    conf = {"name": "SuperPointNet_pretrained", "pretrained": str(weights) if weights.exists() else None}
+    extractor = SuperPointExtractor({**conf, "precision": args.precision, "backend": args.backend}, device=device)
+    plain = SuperPointExtractor({**conf, "precision": "fp32", "channels_last": False}, device=device)
+    print(f"CPU: {cpu_description()}; {torch.get_num_threads()} thread(s); {machine_load()} before the run")
     if not weights.exists():
         print(f"note: {weights} not found; random weights (keypoint counts not representative)")
     image = test_image(tuple(args.size), device)
@@ -123,7 +132,9 @@ def main():
     extractor.heatmap(views[:max(args.chunks)])  # warm-up
     modes = [("loop", 1, loop)] + [("batched", c, batched) for c in args.chunks]
     best = {}  # (mode, chunk) -> (seconds, seconds inside the network), the fastest run
+    units = []  # the plain fp32 forward of one image, measured in every repeat
     for _ in range(args.repeats):  # interleaved, so that load changes hit every mode alike
+        units.append(median_ms(lambda: plain.run_network(image), device, runs=5, warmup=1) / 1000)
         for mode, chunk, fn in modes:
             for key, f in (((mode, chunk), fn), (("forwards", chunk), forwards)):
                 network = TimedNetwork(extractor)
@@ -134,9 +145,12 @@ def main():
     rows = []
     for mode, chunk in [(m, c) for m, c, _ in modes] + [("forwards", fastest)]:
         seconds, in_network = best[(mode, chunk)]
-        rows.append({"device": device.type, "precision": args.precision, "mode": mode, "chunk": chunk,
+        rows.append({"device": device.type, "backend": type(extractor.backend).name, "precision": args.precision,
+                     "used_precision": extractor.backend.concrete_precision, "mode": mode, "chunk": chunk,
                      "s_per_image": seconds, "forward_s_per_image": best[("forwards", chunk)][0],
-                     "forward_in_run_s": in_network, "over_forwards_in_run": seconds / in_network})
+                     "forward_in_run_s": in_network, "over_forwards_in_run": seconds / in_network,
+                     "fp32_forward_s": min(units), "plain_forwards_per_image": seconds / min(units)})
+    print(f"CPU: {cpu_description()}; {machine_load()} after the run")
     print(f"{args.size[0]}x{args.size[1]}, {args.num} homographies, {torch.get_num_threads()} threads; "
           f"fastest chunk {fastest}")
     print_table(rows, list(rows[0]))

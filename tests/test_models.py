@@ -6,7 +6,7 @@ import torch
 
 from models import get_model
 from models.extractor import SuperPointExtractor
-from utils.checkpoints import load_weights_into, save_checkpoint
+from utils.checkpoints import load_weights_into, save_checkpoint, save_weights
 from utils.io import DataError
 
 # state_dict layout of the reference's checkpoints (its parameter names and shapes, so they load unchanged).
@@ -81,6 +81,22 @@ def test_reference_checkpoint_round_trip_with_module_prefix(tmp_path):
     load_weights_into(other, tmp_path / "dp.pth.tar")
     for k, v in net.state_dict().items():
         assert torch.equal(v, other.state_dict()[k])
+
+
+def test_save_weights_keeps_the_network_only_in_fp32(tmp_path):
+    net = get_model("SuperPointNet_gauss2")
+    torch.nn.init.normal_(net.inc.conv.conv[0].weight)  # weights that differ from a fresh network's
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    ckpt = save_checkpoint(tmp_path, 7, net.to(torch.bfloat16), opt)
+    out = save_weights(ckpt, tmp_path / "pretrained" / "net.pth")
+    state = torch.load(out, weights_only=True)
+    assert set(state) == set(net.state_dict())  # a plain state_dict: no optimizer, no iteration
+    assert all(v.dtype != torch.bfloat16 for v in state.values())
+    for k, v in net.state_dict().items():
+        assert torch.equal(state[k], v.float() if v.is_floating_point() else v), k
+    other = get_model("SuperPointNet_gauss2")
+    load_weights_into(other, out)
+    assert torch.equal(other.inc.conv.conv[0].weight, net.inc.conv.conv[0].weight.float())
 
 
 def test_bad_weights_give_clear_errors(tmp_path, magicleap_weights):

@@ -128,6 +128,19 @@ def save_checkpoint(folder: str | Path, n_iter: int, model: torch.nn.Module, opt
     return path
 
 
+def save_weights(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the network of a checkpoint (or weights file) as a plain fp32 state_dict, atomically: the
+    form the project ships in pretrained/ (no optimizer, loadable with weights_only=True anywhere).
+
+        python -c "from utils.checkpoints import save_weights; save_weights('CHECKPOINT', 'OUT.pth')"
+    """
+    state = extract_state_dict(load_checkpoint(checkpoint), str(checkpoint))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    with atomic_path(Path(out), ".pth") as tmp:
+        torch.save(state, tmp)
+    return Path(out)
+
+
 def restore_training(path: str | Path, net: torch.nn.Module, optimizer=None, scaler=None) -> dict:
     """Load a checkpoint (or plain weights) into `net`, and the optimizer and fp16 gradient-scaler states
     a checkpoint holds into `optimizer` / `scaler` (an enabled GradScaler only).

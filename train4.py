@@ -1,4 +1,4 @@
-"""Training: `python train4.py train_base|train_joint <config.yaml> <exper_name> [--eval] [--debug] [--resume]`.
+"""Training: `python train4.py train_base|train_joint <config.yaml> <exper_name> [--eval] [--debug] [--resume | --overwrite]`.
 
 Tasks (the same trainer, pipeline/trainer.py; the reference's train_base also called train_joint)
   train_base    MagicPoint on synthetic shapes (configs/magicpoint_shapes_pair.yaml)
@@ -8,11 +8,10 @@ Outputs go to EXPER_PATH/<exper_name>/ (config.yml, checkpoints/, metrics.jsonl)
 events to runs/<task>/<exper_name>_<date>. Several processes: `torchrun --nproc_per_node=N train4.py ...`.
 """
 import argparse
-import logging
 import sys
 
 from pipeline import trainer
-from utils.cli import exit_on_error, setup_logging
+from utils.cli import EXIT_DIVERGED, exit_on_error, setup_logging
 
 TASKS = ("train_base", "train_joint")
 
@@ -32,10 +31,7 @@ def main(argv=None):
         trainer.run(args)
     except trainer.TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        logging.getLogger("train4").warning("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

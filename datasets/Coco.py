@@ -68,6 +68,14 @@ def read_points(path: Path, size: tuple[int, int] | None = None) -> torch.Tensor
     if size is not None and made_at is not None and made_at != tuple(size):
         raise DataError(f"{path}: labels made at image size {made_at} (H, W) but data.preprocessing.resize "
                         f"is {list(size)}; use the resize of the label export")
+    if not np.all(np.isfinite(pts[:, :2])):
+        raise DataError(f"{path}: 'pts' holds NaN or infinite coordinates")
+    # Labels of older exports do not record their size: points beyond the image betray another size.
+    if size is not None and len(pts) and (pts[:, 0].max() > size[1] - 0.5 or pts[:, 1].max() > size[0] - 0.5
+                                          or pts[:, :2].min() < -0.5):
+        raise DataError(f"{path}: label points reach ({pts[:, 0].max():.1f}, {pts[:, 1].max():.1f}), outside the "
+                        f"{size[0]}x{size[1]} (H x W) images of data.preprocessing.resize: labels made at another "
+                        f"size? Export them again at this resize")
     return torch.from_numpy(np.ascontiguousarray(pts[:, :2], dtype=np.float32))
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from utils import photometric
 from utils.config import IGNORED, check_positive
+from utils.io import DataError
 from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, inside_image, sample_homography,
                             valid_mask, warp_image, warp_points)
 
@@ -272,3 +273,33 @@ class AugmentationSeeds:
         draw = int(self.draws[index])
         self.draws[index] += 1
         return np.random.default_rng([self.seed, index, draw, worker.seed if worker else 0])
+
+
+class SkipBadItems(torch.utils.data.Dataset):
+    """`dataset` whose unreadable items (a DataError: corrupt, truncated, too small, missing) come out as
+    {'bad_item': (name, error)} instead of stopping the DataLoader, worker processes included;
+    `collate_skipping_bad` leaves them out of the batch and lists them under 'bad_items' for the
+    trainer to report and count. Other errors (bugs) still stop the run."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except DataError as e:
+            samples = getattr(self.dataset, "samples", None)
+            name = samples[index].get("name", index) if isinstance(samples, list) else f"item {index}"
+            return {"bad_item": (str(name), str(e))}
+
+
+def collate_skipping_bad(samples: list) -> dict:
+    """default_collate of the good samples, plus 'bad_items': [(name, error)] (no other key when every
+    sample of the batch is bad)."""
+    good = [s for s in samples if "bad_item" not in s]
+    batch = torch.utils.data.default_collate(good) if good else {}
+    batch["bad_items"] = [s["bad_item"] for s in samples if "bad_item" in s]
+    return batch

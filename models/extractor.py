@@ -7,6 +7,7 @@ precision and memory layout, shared with training) and its keypoints come from
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Mapping
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from models import get_model
 from utils.backends import make_backend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
-from utils.config import OPEN, merge
+from utils.config import OPEN, check_int, check_number, merge
 from utils.io import DataError
 from utils.keypoints import DESCRIPTOR_SAMPLING, extract_keypoints, logits_to_heatmap, sample_descriptors
 from utils.matching import nearest_neighbour_matches
@@ -54,10 +55,22 @@ def weights_path(conf: Mapping) -> str | None:
     return model.get("pretrained") or conf.get("pretrained") or None
 
 
-def apply_overrides(conf: dict, weights=None, **model_keys) -> dict:
+# Checks of the post-processing settings: (key, check, example). top_k 0 keeps every point.
+_POSTPROCESSING_CHECKS = (("detection_threshold", partial(check_number, low=0, high=1), 0.015),
+                          ("nms", partial(check_int, minimum=0), 4), ("remove_borders", partial(check_int, minimum=0), 4),
+                          ("top_k", partial(check_int, minimum=0), 1000))
+
+
+def apply_overrides(conf: dict, weights=None, source: str = "config", **model_keys) -> dict:
     """A loaded config with the command line's model settings, in place: each `model_keys` value that is
     not None replaces `model.<key>`; `model.pretrained` becomes `weights`, else the config's weights
-    (`weights_path`). Returns conf."""
+    (`weights_path`). The post-processing values are checked, a bad one blamed on `source` (the config
+    file) or on the command line (`--top-k` for top_k). Returns conf."""
+    for key, check, example in _POSTPROCESSING_CHECKS:
+        if model_keys.get(key) is not None:
+            model_keys[key] = check(model_keys[key], f"--{key.replace('_', '-')}", "command line", example=example)
+        elif key in conf["model"]:
+            conf["model"][key] = check(conf["model"][key], f"model.{key}", source, example=example)
     conf["model"].update({key: value for key, value in model_keys.items() if value is not None})
     conf["model"]["pretrained"] = weights or weights_path(conf)
     return conf

@@ -25,6 +25,7 @@ from utils import homography_adaptation as ha
 from utils import runs
 from utils.config import IGNORED, OPEN, combine, dump_config, load_config
 from utils.distributed import default_device
+from utils.images import check_resize
 from utils.io import DataError, save_npz, write_json
 from utils.keypoints import logits_to_heatmap
 from utils.matching import mutual_nearest_neighbours
@@ -64,8 +65,8 @@ def load_export_config(path: str | Path, weights=None, resize=None, **model_keys
     None keeps the config's value)."""
     conf = load_config(path, schema)
     if resize:
-        conf["data"]["preprocessing"]["resize"] = list(resize)
-    return extractor_lib.apply_overrides(conf, weights, **model_keys)
+        conf["data"]["preprocessing"]["resize"] = list(check_resize(list(resize), "command line", "--resize"))
+    return extractor_lib.apply_overrides(conf, weights, source=str(path), **model_keys)
 
 
 # What the export writes into predictions/ (and --overwrite removes), evaluation's results included.

@@ -127,11 +127,13 @@ def load_features_config(path: str | Path, weights=None, resize=None, max_edge=N
     `max_edge` replaces both of data.preprocessing's size keys."""
     conf = load_config(path, schema)
     require(conf, "data.root", path)
-    if resize or max_edge:
-        conf["data"]["preprocessing"].update(resize=list(resize) if resize else None, max_edge=max_edge)
+    if resize or max_edge:  # command-line values are checked as such (a bad one is not the file's fault)
+        given = check_preprocessing({"resize": list(resize) if resize else None, "max_edge": max_edge},
+                                    "command line (--resize/--max-edge)")
+        conf["data"]["preprocessing"].update(resize=given["resize"], max_edge=given["max_edge"])
     conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], path)
     conf["matching"] = check_matching(conf["matching"], path)
-    return extractor_lib.apply_overrides(conf, weights, precision=precision, backend=backend)
+    return extractor_lib.apply_overrides(conf, weights, source=str(path), precision=precision, backend=backend)
 
 
 def _is_complete(h5: h5py.File, name: str) -> bool:

@@ -78,7 +78,7 @@ def load_adaptation_config(path: str | Path, weights=None, precision=None, backe
         raise ConfigError(f"{path}: 'data.dataset' is {dataset_name!r}; homography adaptation exports "
                           f"one of {list(DATASETS)}")
     conf = extractor_lib.apply_overrides(merge(config_schema(dataset_name), raw, source=str(path)), weights,
-                                         precision=precision, backend=backend)
+                                         source=str(path), precision=precision, backend=backend)
     if not conf["model"]["pretrained"]:
         raise ConfigError(f"{path}: no weights: set 'pretrained' (or 'model.pretrained') to a MagicPoint "
                           f"checkpoint or MagicLeap's superpoint_v1.pth (with model.name SuperPointNet_pretrained)")

@@ -106,7 +106,7 @@ def train_magicpoint(run: Runner, budget: dict, seed: int) -> Path:
     conf.update(train_iter=iters, save_interval=iters, validation_interval=iters, tensorboard_interval=max(1, iters // 10),
                 validation_size=5, seed=seed)
     path = write_config(run.out, "magicpoint", conf)
-    run.script("magicpoint", "train4.py", "train_base", str(path), "magicpoint_quick", "--eval")
+    run.script("magicpoint", "train4.py", "train_base", str(path), "magicpoint_quick", "--eval", "--overwrite")
     return last_checkpoint(run.logs / "magicpoint_quick")
 
 
@@ -134,7 +134,7 @@ def train_superpoint(run: Runner, budget: dict, magicpoint: Path, labels: str, s
                 validation_interval=iters, tensorboard_interval=max(1, iters // 10), validation_size=VAL_IMAGES,
                 seed=seed)
     path = write_config(run.out, "superpoint", conf)
-    run.script("superpoint", "train4.py", "train_joint", str(path), "superpoint_quick", "--eval")
+    run.script("superpoint", "train4.py", "train_joint", str(path), "superpoint_quick", "--eval", "--overwrite")
     return last_checkpoint(run.logs / "superpoint_quick")
 
 

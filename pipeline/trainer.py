@@ -43,9 +43,13 @@ runs/<task>/<exper>_<date>.
 """
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import random
+import statistics
 import time
+from collections import deque
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -60,17 +64,20 @@ from tqdm import tqdm
 
 import settings
 from datasets import get_dataset_class
+from datasets.data_tools import SkipBadItems, collate_skipping_bad
 from models import extractor, get_model
 from utils import precision as precision_lib
 from utils.backends import TorchBackend
-from utils.checkpoints import checkpoint_name, latest_checkpoint, restore_training, save_checkpoint
+from utils import runs
+from utils.checkpoints import (checkpoints_by_iteration, latest_checkpoint, latest_loadable_checkpoint,
+                               restore_training, save_checkpoint)
 from utils.cli import signals_as_interrupt, tensorboard_dir
 from utils.config import (IGNORED, OPEN, ConfigError, check_choice, check_int, check_list, check_number,
                           check_positive, combine, dump_config, load_config, require)
 from utils.distributed import (ResumableSampler, default_device, derived_seed,
                                distributed_context, init_process_group)
 from utils.draw import log_detections
-from utils.io import append_jsonl
+from utils.io import append_jsonl, write_text
 from utils.keypoints import logits_to_heatmap
 from utils.losses import TrainingLoss
 from utils.metrics import DetectionMetrics, ValidationMetrics
@@ -104,6 +111,10 @@ default_conf = {
         "channels_last": "auto",  # true | false | auto (utils.precision.use_channels_last)
         "threads": "auto",  # CPU threads per process: N | auto (utils.precision.set_threads)
         "nan_patience": 10,  # consecutive non-finite losses that stop the run
+        # A loss above factor x the median of the last `window` good losses for `patience` consecutive
+        # iterations stops the run as diverged (DivergenceMonitor).
+        "divergence": {"factor": 10.0, "patience": 5, "window": 50},
+        "max_bad_fraction": 0.1,  # unreadable training items (distinct) tolerated, as a share of the set
         # Step schedule: the learning rate is multiplied by lr_decay at each iteration listed (none: constant).
         "lr_milestones": [],
         "lr_decay": 0.1,
@@ -123,7 +134,50 @@ default_conf = {
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stayed NaN/inf for `training.nan_patience` consecutive iterations."""
+    """The loss diverged (see DivergenceMonitor); the message says where to resume from."""
+
+
+HISTORY_SHOWN = 12  # (iteration, loss) pairs quoted when a run diverges
+
+
+class DivergenceMonitor:
+    """Watches the loss of every iteration for divergence.
+
+    A step is bad when its loss or its gradients are not finite, or when its loss exceeds `factor` x the
+    median of the last `window` good losses (from the second iteration on: a learning rate far too high
+    spoils the very first steps, and a median over them would hide it). A run of consecutive bad
+    steps is a divergence after `patience` of them, or `nan_patience` when all were non-finite (a
+    non-finite step is skipped without harm, e.g. one bad batch, so more are tolerated). `onset` is the
+    first bad iteration: its loss came from the weights after iteration onset - 1, so those weights and
+    all later ones are suspect. `good` is saved in checkpoints, so a resumed run keeps watching.
+    """
+
+    def __init__(self, conf: Mapping, nan_patience: int, history=()):
+        self.factor, self.patience = conf["factor"], conf["patience"]
+        self.nan_patience = nan_patience
+        self.good = deque((float(x) for x in history), maxlen=conf["window"])
+        self.recent: deque = deque(maxlen=HISTORY_SHOWN)
+        self.onset, self.bad, self.exploded = None, 0, False
+
+    def update(self, n_iter: int, loss: float, finite: bool) -> bool:
+        """Record iteration `n_iter` (its loss, whether loss and gradients were finite); True: diverged."""
+        self.recent.append((n_iter, loss))
+        exploded = finite and bool(self.good) and loss > self.factor * statistics.median(self.good)
+        if finite and not exploded:
+            self.good.append(loss)
+            self.onset, self.bad, self.exploded = None, 0, False
+            return False
+        self.onset = n_iter if self.bad == 0 else self.onset
+        self.bad += 1
+        self.exploded |= exploded
+        return self.bad >= (self.patience if self.exploded else self.nan_patience)
+
+    def describe(self) -> str:
+        kind = (f"more than {self.factor:g} x its running median {statistics.median(self.good):.4g}" if self.exploded
+                else "NaN/inf (loss or gradients)")
+        history = ", ".join(f"{i}: {loss:.4g}" for i, loss in self.recent)
+        return (f"the loss was {kind} for {self.bad} consecutive iterations from iteration {self.onset} on "
+                f"(iteration: loss {history})")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,6 +199,14 @@ def check_training_conf(conf: Mapping, source: str = "config") -> dict:
     check_choice(training["precision"], precision_lib.PRECISIONS, "training.precision", source)
     check_choice(training["channels_last"], (True, False, "auto"), "training.channels_last", source)
     training["nan_patience"] = check_int(training["nan_patience"], "training.nan_patience", source, minimum=1)
+    divergence = dict(training["divergence"])
+    divergence["factor"] = check_number(divergence["factor"], "training.divergence.factor", source, 1, open_low=True,
+                                        example=10)
+    for key, example in (("patience", 5), ("window", 50)):
+        divergence[key] = check_int(divergence[key], f"training.divergence.{key}", source, minimum=1, example=example)
+    training["divergence"] = divergence
+    training["max_bad_fraction"] = check_number(training["max_bad_fraction"], "training.max_bad_fraction", source,
+                                                0, 1, example=0.1)
     training["lr_milestones"] = check_list(training["lr_milestones"], "training.lr_milestones", source,
                                            item=partial(check_int, minimum=1), example="[20000]")
     training["lr_decay"] = check_number(training["lr_decay"], "training.lr_decay", source, 0, 1, open_low=True,
@@ -180,6 +242,9 @@ class Trainer:
         self.n_iter = self._restore()
         self.model = self._wrap_for_processes()
         self._build_data(datasets)
+        tconf = self.conf["training"]
+        self.monitor = DivergenceMonitor(tconf["divergence"], tconf["nan_patience"], self.loss_history)
+        self.bad_items = runs.BadItems(len(self.train_set), tconf["max_bad_fraction"], "training items")
         self.writer = SummaryWriter(str(runs_dir)) if runs_dir is not None and self.ctx.is_main else None
         self.last_loss: Optional[torch.Tensor] = None
 
@@ -244,14 +309,17 @@ class Trainer:
                               f"one batch of model.batch_size {mconf['batch_size']}")
         self.loader_generator = torch.Generator()
         pin = self.device.type == "cuda"
-        self.train_loader = DataLoader(self.train_set, batch_size=self.per_rank_batch, sampler=self.train_sampler,
-                                       num_workers=tconf["workers_train"], drop_last=True, pin_memory=pin,
-                                       generator=self.loader_generator)
+        # Unreadable items are left out of their batch and reported (collate_skipping_bad), never fatal alone.
+        self.train_loader = DataLoader(SkipBadItems(self.train_set), batch_size=self.per_rank_batch,
+                                       sampler=self.train_sampler, num_workers=tconf["workers_train"], drop_last=True,
+                                       pin_memory=pin, generator=self.loader_generator,
+                                       collate_fn=collate_skipping_bad)
         self.val_loader = None
         if self.validate_enabled and self.ctx.is_main:
             workers = tconf["workers_val"]
-            self.val_loader = DataLoader(self.val_set, batch_size=mconf["eval_batch_size"], shuffle=False,
-                                         num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
+            self.val_loader = DataLoader(SkipBadItems(self.val_set), batch_size=mconf["eval_batch_size"],
+                                         shuffle=False, num_workers=workers, pin_memory=pin,
+                                         persistent_workers=workers > 0, collate_fn=collate_skipping_bad)
 
     def _per_rank_batch(self, batch_size: int) -> int:
         if batch_size % self.ctx.world_size:
@@ -264,15 +332,18 @@ class Trainer:
         # Rank 0 first, so that a dataset that builds a disk cache does it once.
         if self.ctx.enabled and not self.ctx.is_main:
             dist.barrier()
-        train = cls(self.conf["data"], task="train", seed=self.seed)
-        val = cls(self.conf["data"], task="val", seed=self.seed) if self.validate_enabled and self.ctx.is_main else None
+        # Errors in the data section name the config file (datasets that take a `source`).
+        named = {"source": f"{self.source}, data"} if "source" in inspect.signature(cls).parameters else {}
+        train = cls(self.conf["data"], task="train", seed=self.seed, **named)
+        val = (cls(self.conf["data"], task="val", seed=self.seed, **named)
+               if self.validate_enabled and self.ctx.is_main else None)
         if self.ctx.enabled and self.ctx.is_main:
             dist.barrier()
         return train, val
 
     def _restore(self) -> int:
         """Load `pretrained` when `retrain` is false; returns the iteration to start from."""
-        self.nan_skipped = 0
+        self.nan_skipped, self.loss_history = 0, []  # (the divergence monitor's good losses, on resume)
         path = extractor.weights_path(self.conf)
         if self.conf["retrain"]:
             if path:
@@ -283,7 +354,7 @@ class Trainer:
         state = restore_training(path, self.net, self.optimizer, self.scaler)
         if self.conf["reset_iter"]:
             return 0
-        self.nan_skipped = state["nan_skipped"]
+        self.nan_skipped, self.loss_history = state["nan_skipped"], state["loss_history"]
         return state["n_iter"]
 
     def _seed_everything(self, seed: int) -> None:
@@ -325,6 +396,8 @@ class Trainer:
         # DDP needs the backward pass on every rank to complete its reduction, even for a bad step.
         if finite or self.ctx.enabled:
             self.scaler.scale(loss).backward()
+        if finite and not self.scaler.is_enabled():  # (a grad scaler skips non-finite gradients itself)
+            finite = self._gradients_finite()
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -334,6 +407,11 @@ class Trainer:
                 for saved, buf in zip(buffers, self.net.buffers()):
                     buf.copy_(saved)
         return {k: v.detach() for k, v in losses.items()}, out, finite
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (the same on every rank: DDP has averaged them)."""
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
 
     # ---------------------------------------------------------------- validation
     @torch.no_grad()
@@ -347,6 +425,9 @@ class Trainer:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(self.seed)
                 for batch in islice(self.val_loader, self.conf["validation_size"]):
+                    self._report_bad_items(batch)
+                    if "image" not in batch:
+                        continue
                     out = self.forward(_network_input(batch), model=self.net)
                     heatmap, predictions = metrics.update(out, batch, self.compute_losses(out, batch))
                     if first is None:
@@ -384,7 +465,7 @@ class Trainer:
         """Checkpoint of the current state (rank 0 only; other ranks return None)."""
         if not self.ctx.is_main:
             return None
-        extra = {"nan_skipped": self.nan_skipped}
+        extra = {"nan_skipped": self.nan_skipped, "loss_history": list(self.monitor.good)}
         if self.scaler.is_enabled():
             extra["scaler_state_dict"] = self.scaler.state_dict()
         path = save_checkpoint(self.checkpoint_dir, self.n_iter, self.net, self.optimizer, self.last_loss, extra)
@@ -412,12 +493,11 @@ class Trainer:
         summary = {"start_iteration": self.n_iter, "validation": None, "checkpoint": None}
         if self.n_iter >= train_iter:
             log.info("nothing to do: the run is at iteration %d and train_iter is %d", self.n_iter, train_iter)
-            return {**summary, "iterations": self.n_iter, "nan_skipped": 0, "seconds": 0.0}
+            return {**summary, "iterations": self.n_iter, "nan_skipped": 0, "seconds": 0.0, "bad_items": 0}
         log.info("training %s from iteration %d to %d: %s precision, channels_last %s, device %s, "
                  "%d process(es), batch %d per process", c["model"]["name"], self.n_iter, train_iter,
                  self.concrete_precision, self.channels_last, self.device, self.ctx.world_size, self.per_rank_batch)
         start_time, data_time = time.perf_counter(), 0.0
-        self.consecutive_nan = 0
         validated_at = saved_at = None
         progress = tqdm(total=train_iter, initial=self.n_iter, disable=not self.ctx.is_main, dynamic_ncols=True,
                         desc="train", unit="it")
@@ -426,22 +506,18 @@ class Trainer:
             with signals_as_interrupt():  # SIGTERM too: a scheduler's `kill` saves a checkpoint
                 while self.n_iter < train_iter:
                     t0 = time.perf_counter()
-                    batch = next(batches)
+                    batch = self._next_batch(batches)
                     data_time += time.perf_counter() - t0
-                    # The descriptor loss's random draws depend on the iteration alone: a resumed run repeats them.
-                    torch.manual_seed(derived_seed(self.seed, -2, self.n_iter, self.ctx.rank))
-                    losses, out, stepped = self.train_step(batch)
-                    self.n_iter += 1
-                    progress.update(1)
-                    self._after_step(losses, out, batch, stepped, progress)
+                    self._iteration(batch, progress)
                     if self.validate_enabled and self.n_iter % c["validation_interval"] == 0:
                         summary["validation"], validated_at = self._validate_and_record(), self.n_iter
                     if self.n_iter % c["save_interval"] == 0:
                         summary["checkpoint"], saved_at = self.save(), self.n_iter
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, runs.TooManyBadItems) as e:
             path = self.save()
             if path is not None:
-                log.warning("interrupted at iteration %d; checkpoint saved to %s", self.n_iter, path)
+                log.warning("%s at iteration %d; checkpoint saved to %s", "stopped" if isinstance(
+                    e, runs.TooManyBadItems) else "interrupted", self.n_iter, path)
             raise
         finally:
             progress.close()
@@ -452,33 +528,65 @@ class Trainer:
             summary["validation"] = self._validate_and_record()
         seconds = time.perf_counter() - start_time
         done = self.n_iter - summary["start_iteration"]
-        log.info("%d iterations in %.1f s (%.2f it/s, %.0f%% of it waiting for data); %d skipped (NaN/inf)",
-                 done, seconds, done / max(seconds, 1e-9), 100 * data_time / max(seconds, 1e-9), self.nan_skipped)
+        log.info("%d iterations in %.1f s (%.2f it/s, %.0f%% of it waiting for data); %d skipped (NaN/inf), "
+                 "%d unreadable item(s)", done, seconds, done / max(seconds, 1e-9),
+                 100 * data_time / max(seconds, 1e-9), self.nan_skipped, len(self.bad_items))
         if self.writer is not None:
             self.writer.flush()
         return {**summary, "iterations": self.n_iter, "nan_skipped": self.nan_skipped, "seconds": seconds,
-                "data_seconds": data_time}
+                "data_seconds": data_time, "bad_items": len(self.bad_items)}
 
-    def _after_step(self, losses: dict, out: dict, batch: Mapping, stepped: bool, progress) -> None:
-        """Bookkeeping of a finished iteration: tensorboard and progress after a step; after a skipped one
-        the NaN counts, and TrainingDiverged (with a checkpoint) after `nan_patience` in a row."""
+    def _next_batch(self, batches: Iterator[Mapping]) -> Mapping:
+        """The next batch with at least one readable sample; unreadable ones are reported and counted
+        (runs.TooManyBadItems past training.max_bad_fraction of the training set)."""
+        while True:
+            batch = next(batches)
+            self._report_bad_items(batch)
+            if "image" in batch:
+                return batch
+
+    def _report_bad_items(self, batch: dict) -> None:
+        for name, error in batch.pop("bad_items", []):
+            self.bad_items.add(name, error)
+
+    def _iteration(self, batch: Mapping, progress) -> None:
+        """One training step and its bookkeeping; raises TrainingDiverged when the monitor says so."""
+        # The descriptor loss's random draws depend on the iteration alone: a resumed run repeats them.
+        torch.manual_seed(derived_seed(self.seed, -2, self.n_iter, self.ctx.rank))
+        losses, out, stepped = self.train_step(batch)
+        self.n_iter += 1
+        progress.update(1)
+        loss = losses["loss"].detach().clone()
+        if self.ctx.enabled:  # every rank watches the same (mean) loss, so all stop together
+            dist.all_reduce(loss)
+            loss /= self.ctx.world_size
+        loss = float(loss)
         if stepped:
-            self.consecutive_nan = 0
             self.last_loss = losses["loss"]
             self._log_train(losses, out, batch)
             if self.n_iter % 10 == 0 or self.n_iter == self.conf["train_iter"]:
-                progress.set_postfix(loss=f"{float(losses['loss']):.4f}")
-            return
-        self.nan_skipped += 1
-        self.consecutive_nan += 1
-        log.warning("iteration %d: non-finite loss (%s); step skipped (%d in a row)", self.n_iter,
-                    ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()), self.consecutive_nan)
-        if self.consecutive_nan >= self.conf["training"]["nan_patience"]:
-            path = self.save()
-            raise TrainingDiverged(
-                f"the loss was NaN/inf for {self.consecutive_nan} consecutive iterations, the last at iteration "
-                f"{self.n_iter}; stopped, checkpoint {path or checkpoint_name(self.n_iter)}. "
-                f"Lower model.learning_rate or check the data, then resume from the checkpoint")
+                progress.set_postfix(loss=f"{loss:.4f}")
+        else:
+            self.nan_skipped += 1
+            log.warning("iteration %d: non-finite loss or gradients (%s); step skipped", self.n_iter,
+                        ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()))
+        if self.monitor.update(self.n_iter, loss, stepped):
+            raise self._diverged()
+
+    def _diverged(self) -> TrainingDiverged:
+        """Set the checkpoints saved since the divergence began aside (`*.diverged`), so that the last one
+        before it is what --resume continues from; returns the error that stops the run."""
+        kept = None
+        if self.ctx.is_main:
+            for n, path in checkpoints_by_iteration(self.checkpoint_dir):
+                if n >= self.monitor.onset - 1:
+                    path.rename(path.with_name(path.name + ".diverged"))
+            kept = latest_checkpoint(self.checkpoint_dir)
+        advice = (f"the last checkpoint before it, {kept}, is the one --resume continues from: lower "
+                  f"model.learning_rate (or fix the data) and rerun the command with --resume" if kept else
+                  "no checkpoint was saved before it: lower model.learning_rate (or fix the data) and start "
+                  "again with --overwrite")
+        return TrainingDiverged(f"training diverged at iteration {self.n_iter}: {self.monitor.describe()}; {advice}")
 
     def _validate_and_record(self) -> Optional[dict]:
         if not self.ctx.is_main:
@@ -507,42 +615,95 @@ def _network_input(batch: Mapping) -> torch.Tensor:
     return batch["image"]
 
 
+# Keys a resumed run may change (utils.runs): the budget, the learning rate and its schedule, intervals,
+# workers and speed settings. Anything else would make the checkpoints the product of two configurations.
+RESUMABLE_KEYS = ("train_iter", "model.learning_rate", "model.eval_batch_size", "training.lr_milestones",
+                  "training.lr_decay", "save_interval", "validation_interval", "validation_size",
+                  "tensorboard_interval", "training.workers_train", "training.workers_val", "training.workers_test",
+                  "training.precision", "training.channels_last", "training.threads", "training.nan_patience",
+                  "training.divergence", "training.max_bad_fraction")
+OUTPUTS = ("checkpoints/*", "metrics.jsonl")  # what makes an experiment folder used (and --overwrite removes)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints "
-                             "(model, optimizer and iteration)")
+                        help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints (model, "
+                             "optimizer and iteration); only with the recorded configuration, except the budget, "
+                             "learning rate, intervals and workers")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the experiment's checkpoints and metrics, then train from the start")
 
 
 def run(args) -> dict:
-    """`train4.py <task> <config> <exper_name> [--eval] [--resume]`."""
+    """`train4.py <task> <config> <exper_name> [--eval] [--resume | --overwrite]`."""
     conf = load_config(args.config, default_conf)
-    return train(conf, args.exper_name, args.task, validate=args.eval, resume=args.resume, source=args.config)
+    return train(conf, args.exper_name, args.task, validate=args.eval, resume=args.resume,
+                 overwrite=getattr(args, "overwrite", False), source=args.config)
 
 
 def train(conf: dict, exper_name: str, task: str, validate: bool = False, resume: bool = False,
-          exper_root: str | Path | None = None, runs_root: str | Path = "runs", source: str = "config") -> dict:
-    """Run a training task for a config merged over `default_conf`; outputs under exper_root/exper_name."""
+          overwrite: bool = False, exper_root: str | Path | None = None, runs_root: str | Path = "runs",
+          source: str = "config") -> dict:
+    """Run a training task for a config merged over `default_conf`; outputs under exper_root/exper_name.
+
+    A folder holding another run's checkpoints is refused unless `resume` (same configuration, except
+    RESUMABLE_KEYS) or `overwrite` (utils.runs); the folder's run.json records the run."""
     exper_dir = Path(exper_root if exper_root is not None else settings.EXPER_PATH) / exper_name
     ctx = distributed_context()
-    if resume:
-        found = latest_checkpoint(exper_dir / "checkpoints")
-        if found is None:
-            log.warning("--resume: no checkpoint in %s; starting from scratch", exper_dir / "checkpoints")
-        else:
-            conf = {**conf, "retrain": False, "reset_iter": False, "pretrained": str(found),
-                    "model": {**conf["model"], "pretrained": None}}
+    conf = check_training_conf(conf, source)
+    record = runs.make_record(task, conf, None if conf["retrain"] else extractor.weights_path(conf))
+    plan = runs.plan_run(exper_dir, record, OUTPUTS, resume=resume, overwrite=overwrite, may_change=RESUMABLE_KEYS)
+    if plan.mode == "resume":
+        conf = _from_latest_checkpoint(conf, exper_dir)
+    elif resume:
+        log.warning("--resume: %s holds no earlier run; starting from scratch", exper_dir)
     if not ctx.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     runs_dir = tensorboard_dir(runs_root, task, exper_name) if ctx.is_main else None
     trainer = Trainer(conf, exper_dir, runs_dir=runs_dir, validate=validate, source=source)
+    applied = False
     try:
         if ctx.is_main:
+            plan.apply()  # after the settings and data were checked: a refused run leaves the folder as it was
+            applied = True
+            _drop_metrics_after(exper_dir / "metrics.jsonl", trainer.n_iter)
             merged = {**trainer.conf, "data": getattr(trainer.train_set, "conf", conf["data"])}
             dump_config(exper_dir / "config.yml", merged)
             log.info("experiment folder %s; tensorboard %s", exper_dir, runs_dir)
         return trainer.run()
     finally:
+        if applied and trainer.bad_items.items:
+            plan.update(bad_items=trainer.bad_items.as_record())
         trainer.close()
         if ctx.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
+
+def _from_latest_checkpoint(conf: dict, exper_dir: Path) -> dict:
+    """`conf` set to resume from the experiment's latest readable checkpoint (unchanged when none)."""
+    found = latest_loadable_checkpoint(exper_dir / "checkpoints")
+    if found is None:
+        log.warning("--resume: no readable checkpoint in %s; starting from scratch", exper_dir / "checkpoints")
+        return conf
+    return {**conf, "retrain": False, "reset_iter": False, "pretrained": str(found),
+            "model": {**conf["model"], "pretrained": None}}
+
+
+def _drop_metrics_after(path: Path, n_iter: int) -> None:
+    """Remove the metrics.jsonl rows of iterations after `n_iter` (and a line cut short): a run killed
+    after validating but before its next checkpoint resumes before them and writes them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _row_iteration(line) <= n_iter]
+    if len(kept) != len(lines):
+        log.info("%s: dropped %d row(s) after iteration %d (the resumed run repeats them)", path,
+                 len(lines) - len(kept), n_iter)
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _row_iteration(line: str) -> float:
+    try:
+        return float(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -6,6 +6,7 @@ state_dict. Both load here; a `module.` prefix (DataParallel / DDP) is stripped.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import pickle
 from pathlib import Path
@@ -25,14 +26,37 @@ def checkpoint_name(n_iter: int) -> str:
     return f"{CHECKPOINT_PREFIX}{n_iter}{CHECKPOINT_SUFFIX}"
 
 
+def checkpoint_iteration(path: str | Path) -> Optional[int]:
+    """n of a `superPointNet_<n>_checkpoint.pth.tar` name, or None for any other name."""
+    name = Path(path).name
+    if not (name.startswith(CHECKPOINT_PREFIX) and name.endswith(CHECKPOINT_SUFFIX)):
+        return None
+    number = name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
+    return int(number) if number.isdigit() else None
+
+
+def checkpoints_by_iteration(checkpoint_dir: str | Path) -> list:
+    """The checkpoints of a folder as [(n, path)], latest first."""
+    found = [(checkpoint_iteration(p), p) for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}")]
+    return sorted(((n, p) for n, p in found if n is not None), key=lambda item: item[0], reverse=True)
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
     """The checkpoint with the highest iteration in a folder (names as `checkpoint_name`), or None."""
-    best = None
-    for path in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}"):
-        number = path.name[len(CHECKPOINT_PREFIX):-len(CHECKPOINT_SUFFIX)]
-        if number.isdigit() and (best is None or int(number) > best[0]):
-            best = (int(number), path)
-    return best[1] if best else None
+    found = checkpoints_by_iteration(checkpoint_dir)
+    return found[0][1] if found else None
+
+
+def latest_loadable_checkpoint(checkpoint_dir: str | Path) -> Optional[Path]:
+    """The latest checkpoint of a folder that loads; a later unreadable one (cut short by a full disk or
+    a crash) is reported and passed over, so that a resume falls back to the one before it."""
+    for _, path in checkpoints_by_iteration(checkpoint_dir):
+        try:
+            load_checkpoint(path)
+            return path
+        except DataError as e:
+            log.warning("%s; resuming from an earlier checkpoint", e)
+    return None
 
 
 # The one-line conversion the refusal message and the README give, for a file the user trusts.
@@ -124,7 +148,11 @@ def save_checkpoint(folder: str | Path, n_iter: int, model: torch.nn.Module, opt
     state.update(extra or {})
     path = Path(folder) / checkpoint_name(n_iter)
     with atomic_path(path, ".tar") as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:  # torch reports a full disk as a RuntimeError of its zip writer
+            raise OSError(errno.EIO, f"could not write the checkpoint ({_first_line(e)}); the earlier checkpoints "
+                                     f"are intact", str(path)) from None
     return path
 
 
@@ -146,10 +174,12 @@ def restore_training(path: str | Path, net: torch.nn.Module, optimizer=None, sca
     a checkpoint holds into `optimizer` / `scaler` (an enabled GradScaler only).
 
     Returns {'n_iter': iterations done (0 for plain weights), 'nan_skipped': skipped iterations so far,
-    'checkpoint': whether it was a training checkpoint, 'optimizer': whether an optimizer state was loaded}.
+    'loss_history': the trainer's recent good losses (divergence watch), 'checkpoint': whether it was a
+    training checkpoint, 'optimizer': whether an optimizer state was loaded}.
     """
     raw = load_weights_into(net, path)
-    state = {"n_iter": 0, "nan_skipped": 0, "checkpoint": "model_state_dict" in raw, "optimizer": False}
+    state = {"n_iter": 0, "nan_skipped": 0, "loss_history": [], "checkpoint": "model_state_dict" in raw,
+             "optimizer": False}
     if not state["checkpoint"]:
         log.info("loaded network weights from %s (no optimizer state or iteration in it)", path)
         return state
@@ -158,7 +188,8 @@ def restore_training(path: str | Path, net: torch.nn.Module, optimizer=None, sca
         state["optimizer"] = True
     if raw.get("scaler_state_dict") and scaler is not None and scaler.is_enabled():
         scaler.load_state_dict(raw["scaler_state_dict"])
-    state.update(n_iter=int(raw.get("n_iter", 0)), nan_skipped=int(raw.get("nan_skipped", 0)))
+    state.update(n_iter=int(raw.get("n_iter", 0)), nan_skipped=int(raw.get("nan_skipped", 0)),
+                 loss_history=[float(x) for x in raw.get("loss_history", [])])
     log.info("resumed from %s: model, optimizer%s, iteration %d", path,
              "" if state["optimizer"] else " (none saved)", state["n_iter"])
     return state

@@ -25,15 +25,44 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
 
 
+JPEG_SCAN, JPEG_END = b"\xff\xda", b"\xff\xd9"
+PNG_SIGNATURE, PNG_END = b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82"
+
+
+def truncation(data: bytes) -> str | None:
+    """Why the bytes of a JPEG or PNG file are incomplete, or None (other formats: None).
+
+    OpenCV decodes a truncated JPEG without an error (the missing rows come out grey) and may do the
+    same for a PNG, so the end markers are checked: a JPEG's end-of-image marker must follow its first
+    scan (compressed scan data cannot contain it; data appended after it, as some cameras write, is
+    fine), a PNG must hold its IEND chunk.
+    """
+    if data[:2] == b"\xff\xd8":
+        scan = data.find(JPEG_SCAN)
+        if scan < 0 or data.find(JPEG_END, scan) < 0:
+            return "truncated JPEG (no end-of-image marker after the image data)"
+    elif data[:8] == PNG_SIGNATURE and data.rfind(PNG_END) < 0:
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
 def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
-    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable file is a DataError.
+    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable, corrupt or truncated
+    file is a DataError naming it.
 
     Grey conversion uses OpenCV's BGR weights (the reference applied the RGB formula to BGR data).
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror or e})") from None
+    problem = truncation(data)
+    if problem:
+        raise DataError(f"{path}: {problem}")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # from the file, so that EXIF orientation applies as before
     if image is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if grayscale:
@@ -136,11 +165,12 @@ def split_frames(split_file: Path, folder_of: Callable[[str], Path], suffixes, w
     return samples, absent
 
 
-def check_resize(resize, source: str = "data") -> tuple[int, int]:
-    """`preprocessing.resize` as (H, W); anything but two positive multiples of 8 is a ConfigError."""
-    size = tuple(resize or ())
+def check_resize(resize, source: str = "data", key: str = "preprocessing.resize") -> tuple[int, int]:
+    """`preprocessing.resize` (or the command line's `key`) as (H, W); anything but two positive
+    multiples of 8 is a ConfigError naming `source` and `key`."""
+    size = tuple(resize) if isinstance(resize, (list, tuple)) else ()
     if len(size) != 2 or any(not isinstance(v, int) or isinstance(v, bool) or v <= 0 or v % 8 for v in size):
-        raise ConfigError(f"{source}: 'preprocessing.resize' is {resize!r}; expected [H, W], both positive "
+        raise ConfigError(f"{source}: '{key}' is {resize!r}; expected [H, W], both positive "
                           f"multiples of 8 (e.g. [240, 320])")
     return size
 

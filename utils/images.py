@@ -46,12 +46,8 @@ def truncation(data: bytes) -> str | None:
     return None
 
 
-def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
-    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable, corrupt or truncated
-    file is a DataError naming it.
-
-    Grey conversion uses OpenCV's BGR weights (the reference applied the RGB formula to BGR data).
-    """
+def check_image_file(path: str | Path) -> Path:
+    """`path` as a Path; a missing, unreadable or truncated (JPEG, PNG) file is a DataError naming it."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
@@ -62,7 +58,17 @@ def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
     problem = truncation(data)
     if problem:
         raise DataError(f"{path}: {problem}")
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)  # from the file, so that EXIF orientation applies as before
+    return path
+
+
+def read_image(path: str | Path, grayscale: bool = True) -> np.ndarray:
+    """Read an image file as uint8 (grey (H, W), or BGR (H, W, 3)); an unreadable, corrupt or truncated
+    file is a DataError naming it.
+
+    Grey conversion uses OpenCV's BGR weights (the reference applied the RGB formula to BGR data).
+    """
+    path = check_image_file(path)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if grayscale:
@@ -75,9 +81,7 @@ def read_grey_decoded(path: str | Path, exif_orientation: bool = False) -> np.nd
     (for a JPEG its luma plane, which can differ by one level from BGR decoding + cvtColor) and, unless
     `exif_orientation`, the stored pixel grid whatever the EXIF orientation tag says, so that features
     are in the frame of the pixels those tools read. An unreadable file is a DataError."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: image file not found")
+    path = check_image_file(path)
     flags = cv2.IMREAD_GRAYSCALE | (0 if exif_orientation else cv2.IMREAD_IGNORE_ORIENTATION)
     image = cv2.imread(str(path), flags)
     if image is None:

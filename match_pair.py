@@ -20,11 +20,13 @@ from pipeline.export_features import extract_file
 from utils import draw, metrics
 from utils.backends import BACKEND_NAMES
 from utils.cli import exit_on_error
+from utils.config import ConfigError, check_int, check_number
 from utils.distributed import default_device
 from utils.images import check_preprocessing, read_image
 from utils.io import DataError, save_image
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "pretrained" / "superpoint_v1.pth"
+OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def parse_args(argv):
@@ -51,9 +53,19 @@ def default_weights() -> Path:
     return DEFAULT_WEIGHTS
 
 
+def check_arguments(args) -> None:
+    """Command-line values checked before any work, blamed on the command line."""
+    check_int(args.top_k, "--top-k", "command line", minimum=0, example=1000)
+    check_number(args.nn_thresh, "--nn-thresh", "command line", low=0, open_low=True, example=0.7)
+    if Path(args.output).suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"command line: '--output' is {args.output!r}; expected a {' or '.join(OUTPUT_SUFFIXES)} "
+                          f"file, e.g. matches.png")
+
+
 @exit_on_error
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    check_arguments(args)
     images = [read_image(args.image1), read_image(args.image2)]  # clear errors before the model loads
     preprocessing = check_preprocessing({"resize": list(args.resize) if args.resize else None,
                                          "max_edge": args.max_edge}, "command line")

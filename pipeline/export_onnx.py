@@ -30,6 +30,7 @@ from torch import nn
 
 import settings
 from models import extractor as extractor_lib
+from utils import runs
 from utils.backends import ONNX_OPSET, onnx_output_names, write_onnx
 from utils.config import ConfigError, dump_config, load_yaml, merge
 from utils.images import read_image
@@ -104,7 +105,12 @@ def run(args) -> dict:
     exper_dir = Path(settings.EXPER_PATH) / args.exper_name
     output = Path(args.output) if args.output else exper_dir / "superpoint.onnx"
     output.parent.mkdir(parents=True, exist_ok=True)
-    exper_dir.mkdir(parents=True, exist_ok=True)
+    # One configuration per experiment folder (utils.runs): another one is refused unless --overwrite.
+    plan = runs.plan_run(exper_dir, runs.make_record("export_onnx", {"model": model, "heatmap": args.heatmap,
+                                                                     "opset": args.opset}, model["pretrained"]),
+                         ("superpoint.onnx", "export_onnx.json"), resume=getattr(args, "resume", False),
+                         overwrite=getattr(args, "overwrite", False), implicit_resume=True)
+    plan.apply()
     net = extractor_lib.SuperPointExtractor({**model, "precision": "fp32", "channels_last": False}).net
     partial = output.with_name(output.name + ".partial")
     write_onnx(net, partial, args.heatmap, args.opset)

@@ -64,6 +64,14 @@ def last_checkpoint(exper_dir: Path) -> Path:
     return found
 
 
+class StageFailed(RuntimeError):
+    """A stage's script exited with an error (it printed why); `status` is its exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class Runner:
     """Runs the project's scripts with DATA_PATH/EXPER_PATH inside the output folder, timing each stage."""
 
@@ -83,7 +91,7 @@ class Runner:
         result = subprocess.run(command, cwd=self.out, env=self.env)
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
         if result.returncode != 0:
-            raise RuntimeError(f"stage '{stage}' failed (exit {result.returncode}): {shown}")
+            raise StageFailed(f"stage '{stage}' failed (exit {result.returncode}): {shown}", result.returncode)
 
 
 def prepare_data(out: Path, seed: int, eval_images: int) -> dict:
@@ -232,7 +240,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     setup_logging(False)
-    run_quickstart(Path(args.output), args.budget, args.seed)
+    try:
+        run_quickstart(Path(args.output), args.budget, args.seed)
+    except StageFailed as e:  # the stage printed its own error; say which stage, keep its status
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.status if 0 < e.status < 256 else 1)
 
 
 if __name__ == "__main__":

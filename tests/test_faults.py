@@ -517,3 +517,21 @@ def test_command_line_values_are_blamed_on_the_command_line(paths, random_weight
     config.write_text(config.read_text().replace("pretrained:", "top_k: -5, pretrained:"))
     exits(2, export.main, ["export_descriptor", str(config), "x"])
     assert f"error: {config}: 'model.top_k' is -5" in capsys.readouterr().err
+
+
+def test_match_pair_checks_its_output_and_values_before_any_work(tmp_path, random_weights, monkeypatch, capsys):
+    import match_pair
+
+    images = [str(write_image(tmp_path / f"{i}.png", seed=i)) for i in range(2)]
+    exits(2, match_pair.main, [*images, "--weights", str(random_weights), "--output", str(tmp_path / "m.xyz")])
+    assert "error: command line: '--output' is" in capsys.readouterr().err
+    exits(2, match_pair.main, [*images, "--weights", str(random_weights), "--top-k", "-5"])
+    assert "error: command line: '--top-k' is -5; expected an integer >= 0, e.g. 1000" in capsys.readouterr().err
+
+    def read_only(path, suffix=""):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(io_lib, "atomic_path", read_only)
+    exits(4, match_pair.main, [*images, "--weights", str(random_weights), "--output", str(tmp_path / "m.png")])
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'm.png'}: Read-only file system; choose a writable EXPER_PATH (or output folder)\n"

@@ -99,8 +99,8 @@ def exit_on_error(main):
             _fail(f"error: {environment_message(e)}", EXIT_ENVIRONMENT)
         except KeyboardInterrupt as e:
             signum = getattr(e, "signum", signal.SIGINT)
-            _fail(f"error: interrupted ({signal.Signals(signum).name}); what was finished is saved: the same "
-                  f"command with --resume continues", 128 + signum)
+            _fail(f"error: interrupted ({signal.Signals(signum).name}); the finished work is saved: rerun the "
+                  f"same command (train4.py: with --resume) to continue", 128 + signum)
     return wrapper
 
 

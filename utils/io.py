@@ -116,9 +116,13 @@ def append_jsonl(path: str | Path, obj) -> None:
 def save_image(path: str | Path, image: np.ndarray) -> None:
     """Write an image (uint8 grey, or BGR) with OpenCV, atomically. Format from the suffix."""
     path = Path(path)
-    ok, buf = cv2.imencode(path.suffix, image)
+    try:
+        ok, buf = cv2.imencode(path.suffix, image)
+    except cv2.error:  # OpenCV raises for a suffix it has no encoder for
+        ok = False
     if not ok:
-        raise DataError(f"{path}: could not encode image of shape {image.shape}")
+        raise DataError(f"{path}: could not write an image of shape {image.shape} as '{path.suffix}' "
+                        f"(use .png or .jpg)")
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
 

@@ -486,7 +486,8 @@ def test_a_truncated_or_tiny_image_is_a_counted_bad_item(paths, random_weights, 
     # The feature export skips a 4x4 image instead of failing on it at every rerun.
     cv2.imwrite(str(paths / "data" / "COCO" / "tiny.png"), np.zeros((4, 4), np.uint8))
     config = paths / "features.yaml"
-    config.write_text(f"data: {{root: COCO}}\nmodel: {{name: SuperPointNet_pretrained}}\npretrained: {random_weights}\n")
+    config.write_text(f"data: {{root: COCO}}\nmodel: {{name: SuperPointNet_pretrained}}\n"
+                      f"pretrained: {random_weights}\n")
     export.main(["export_features", str(config), "feat", "--max-bad-fraction", "0.5"])
     summary = json.loads((paths / "logs" / "feat" / "features.json").read_text())
     assert summary["n_written"] == 3 and {f["image"] for f in summary["failed"]} == {"tiny.png", "val2014/im1.jpg"}
@@ -514,6 +515,8 @@ def test_command_line_values_are_blamed_on_the_command_line(paths, random_weight
         capsys.readouterr().err
     exits(2, export.main, ["export_descriptor", str(config), "x", "--top-k", "-5"])
     assert "error: command line: '--top-k' is -5; expected an integer >= 0" in capsys.readouterr().err
+    exits(2, export.main, ["export_descriptor", str(config), "x", "--max-bad-fraction", "2"])
+    assert "command line: '--max-bad-fraction' is '2'; expected a number in [0, 1]" in capsys.readouterr().err
     config.write_text(config.read_text().replace("pretrained:", "top_k: -5, pretrained:"))
     exits(2, export.main, ["export_descriptor", str(config), "x"])
     assert f"error: {config}: 'model.top_k' is -5" in capsys.readouterr().err
@@ -534,4 +537,5 @@ def test_match_pair_checks_its_output_and_values_before_any_work(tmp_path, rando
     monkeypatch.setattr(io_lib, "atomic_path", read_only)
     exits(4, match_pair.main, [*images, "--weights", str(random_weights), "--output", str(tmp_path / "m.png")])
     err = capsys.readouterr().err
-    assert err == f"error: {tmp_path / 'm.png'}: Read-only file system; choose a writable EXPER_PATH (or output folder)\n"
+    assert err == (f"error: {tmp_path / 'm.png'}: Read-only file system; choose a writable EXPER_PATH "
+                   f"(or output folder)\n")

@@ -37,7 +37,8 @@ def checkpoint_iteration(path: str | Path) -> Optional[int]:
 
 def checkpoints_by_iteration(checkpoint_dir: str | Path) -> list:
     """The checkpoints of a folder as [(n, path)], latest first."""
-    found = [(checkpoint_iteration(p), p) for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}")]
+    paths = Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}*{CHECKPOINT_SUFFIX}")
+    found = [(checkpoint_iteration(p), p) for p in paths]
     return sorted(((n, p) for n, p in found if n is not None), key=lambda item: item[0], reverse=True)
 
 

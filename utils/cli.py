@@ -12,6 +12,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+from tqdm import tqdm
+
 from utils.config import ConfigError
 from utils.io import DataError
 from utils import runs
@@ -105,6 +107,9 @@ def exit_on_error(main):
 
 
 def _fail(message: str, status: int) -> None:
+    # Progress bars left open by the error would redraw after the message when garbage-collected.
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
     try:
         print(message, file=sys.stderr)
     except OSError:  # stderr itself is gone (a closed pipe): the status still tells

@@ -21,6 +21,7 @@ the caller's settings have been checked, so a command that fails its checks leav
 """
 from __future__ import annotations
 
+import argparse
 import errno
 import hashlib
 import logging
@@ -34,7 +35,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from utils.config import ConfigError, to_plain
+from utils.config import ConfigError, check_number, to_plain
 from utils.io import DataError, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,15 @@ def add_arguments(parser, bad_fraction: bool = True) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="remove the output folder's earlier outputs, then start afresh")
     if bad_fraction:
-        parser.add_argument("--max-bad-fraction", type=float, default=DEFAULT_MAX_BAD_FRACTION, metavar="F",
+        parser.add_argument("--max-bad-fraction", type=_fraction_argument, default=DEFAULT_MAX_BAD_FRACTION,
+                            metavar="F",
                             help="stop when more than this fraction of the input items is unreadable "
                                  f"(default {DEFAULT_MAX_BAD_FRACTION})")
+
+
+def _fraction_argument(value: str) -> float:
+    """--max-bad-fraction: a number in [0, 1], checked by the shared helper and blamed on the command line."""
+    try:
+        return check_number(value, "--max-bad-fraction", "command line", 0, 1, example=0.1)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -6,12 +6,13 @@
         [--compete 0 1] [--json FILE]
 
 The unit of every row is `fp32_forward_ms`: the plain fp32 PyTorch forward (contiguous layout, no
-autocast) of the same shape, measured right before the row under the same load, so that the ratios
+autocast) of the same shape, timed in turn with the row's calls in every repeat, so that the ratios
 (`extract_over_fp32_forward`) stay comparable on a busy machine. `used_precision` is what the backend
 really ran (ONNX Runtime runs fp32; OpenVINO falls back to fp32 without bf16 units). `--compete N`
 repeats the table with N single-threaded busy processes running. The header gives the CPU kind and load.
 """
 import argparse
+import statistics
 
 import cv2
 import numpy as np
@@ -50,20 +51,25 @@ def weights_conf() -> dict:
 
 
 def measure(conf, device, images, backend, precision, runs) -> dict:
-    """One row: the plain fp32 forward (the unit), then the variant's forward, post-processing, extraction."""
+    """One row: the plain fp32 forward (the unit) and the variant's forward, post-processing and
+    extraction, timed in turn within each repeat so that all four see the same load; medians."""
     batch = images.shape[0]
     baseline = SuperPointExtractor(dict(conf, precision="fp32", channels_last=False), device=device)
     ex = SuperPointExtractor(dict(conf, backend=backend, precision=precision), device=device)
     images = images.to(device)
     out = ex.run_network(images)  # first call: exports / compiles
-    unit = median_ms(lambda: baseline.run_network(images), device, runs) / batch
-    forward = median_ms(lambda: ex.run_network(images), device, runs) / batch
-    post = median_ms(lambda: ex.postprocess(logits_to_heatmap(out["semi"]), out["desc"]), device, runs) / batch
-    extract = median_ms(lambda: ex(images), device, runs) / batch
+    calls = {"fp32_forward_ms": lambda: baseline.run_network(images), "forward_ms": lambda: ex.run_network(images),
+             "postprocess_ms": lambda: ex.postprocess(logits_to_heatmap(out["semi"]), out["desc"]),
+             "extract_ms": lambda: ex(images)}
+    times = {key: [] for key in calls}
+    for _ in range(runs + 1):
+        for key, fn in calls.items():
+            times[key].append(median_ms(fn, device, runs=1, warmup=0))
+    ms = {key: statistics.median(values[1:]) / batch for key, values in times.items()}  # first: warm-up
     return {"device": device.type, "size": f"{images.shape[2]}x{images.shape[3]}", "batch": batch,
             "backend": type(ex.backend).name, "precision": precision, "used_precision": ex.backend.concrete_precision,
-            "fp32_forward_ms": unit, "forward_ms": forward, "postprocess_ms": post, "extract_ms": extract,
-            "forward_over_fp32_forward": forward / unit, "extract_over_fp32_forward": extract / unit,
+            **ms, "forward_over_fp32_forward": ms["forward_ms"] / ms["fp32_forward_ms"],
+            "extract_over_fp32_forward": ms["extract_ms"] / ms["fp32_forward_ms"],
             "keypoints": sum(len(k) for k in ex(images)["keypoints"]) / batch, "threads": torch.get_num_threads()}
 
 

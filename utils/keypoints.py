@@ -42,8 +42,9 @@ def nms(heatmap: torch.Tensor, radius: int, threshold: float) -> torch.Tensor:
     order (every higher candidate near it is already decided and none of them was kept, else it would
     have been suppressed); kept points then suppress their windows. Repeat with the candidates still
     undecided (real heatmaps need 2-4 rounds, most candidates are decided in the first). Priorities are
-    the integer ranks of the visiting order, so ties need no float tricks; each candidate reads its
-    window through a strided (B, H, W, S, S) view of the padded maps, so no (K, S) index is built.
+    the integer ranks of the visiting order, so ties need no float tricks. A round reads each undecided
+    candidate's window through a strided (B, H, W, S, S) view of the padded maps (no (K, S) index is
+    built); a first round with more window reads than map pixels takes a sliding maximum of the map.
     """
     keep = torch.zeros_like(heatmap, dtype=torch.bool)
     keep[nms_points(heatmap, radius, threshold)] = True
@@ -67,9 +68,15 @@ def nms_points(heatmap: torch.Tensor, radius: int, threshold: float
     windows = (b, h, w, side, side), (hp * wp, wp, 1, wp, 1)  # window of pixel (y, x) in a padded map
     priority_windows, suppressed_windows = priority_map.as_strided(*windows), suppressed.as_strided(*windows)
     undecided, kept = torch.arange(len(bi), device=heatmap.device), []
+    # First round with many candidates: one sliding maximum over the map costs less than their windows.
+    dense = len(bi) * side * side > priority_map.numel()
     while len(undecided):
         ub, uy, ux = bi[undecided], ys[undecided], xs[undecided]
-        new = priority[undecided] == priority_windows[ub, uy, ux].flatten(1).amax(dim=1)
+        if dense:
+            best, dense = _sliding_max(_sliding_max(priority_map, side, 2), side, 1)[ub, uy, ux], False
+        else:
+            best = priority_windows[ub, uy, ux].flatten(1).amax(dim=1)
+        new = priority[undecided] == best
         kept.append(undecided[new])
         suppressed_windows[ub[new], uy[new], ux[new]] = True
         decided = suppressed[ub, uy + radius, ux + radius]  # kept points are in their own window
@@ -77,6 +84,17 @@ def nms_points(heatmap: torch.Tensor, radius: int, threshold: float
         undecided = undecided[~decided]
     kept = torch.sort(torch.cat(kept)).values if kept else undecided
     return bi[kept], ys[kept], xs[kept]
+
+
+def _sliding_max(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Maximum over every window of `size` consecutive elements along `dim` (length n -> n - size + 1),
+    by doubling: log2(size) elementwise maxima instead of `size`."""
+    span = 1
+    while span < size:
+        step = min(span, size - span)  # windows of span -> span + step, never beyond size
+        n = x.shape[dim] - step
+        x, span = torch.maximum(x.narrow(dim, 0, n), x.narrow(dim, step, n)), span + step
+    return x
 
 
 def remove_borders(mask: torch.Tensor, border: int) -> torch.Tensor:

@@ -21,9 +21,11 @@ test: venv
 	$(PY) -m pytest -q -rs tests
 
 # The whole pipeline on built-in data (pipeline/quickstart.py); everything goes to $(QUICKSTART_OUT).
+# QUICKSTART_MAGICPOINT=pretrained starts from the shipped pretrained/magicpoint_synth.pth.
 QUICKSTART_OUT ?= quickstart_output
+QUICKSTART_MAGICPOINT ?= train
 quickstart: venv
-	$(PY) -m pipeline.quickstart --output $(QUICKSTART_OUT)
+	$(PY) -m pipeline.quickstart --output $(QUICKSTART_OUT) --magicpoint $(QUICKSTART_MAGICPOINT)
 
 bench: venv
 	$(PY) benchmarks/inference.py

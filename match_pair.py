@@ -7,9 +7,8 @@
 Mutual nearest-neighbour matches of the descriptors closer than --nn-thresh, a RANSAC homography
 (3 px, seeded), and a PNG of both images with inliers in green and outliers in red. Prints the keypoint,
 match and inlier counts. The network is picked from the weights file (MagicLeap's or a reference-format
-checkpoint). Default weights: pretrained/superpoint_v1.pth, MagicLeap's published weights from
-github.com/magicleap/SuperPointPretrainedNetwork, which its licence restricts to non-commercial
-research use.
+checkpoint). Without --weights: the project's own SuperPoint, pretrained/superpoint_mix.pth
+(pretrained/README.md says how it was trained and what it scores).
 """
 import argparse
 import sys
@@ -23,9 +22,8 @@ from utils.cli import exit_on_error
 from utils.config import ConfigError, check_int, check_number
 from utils.distributed import default_device
 from utils.images import check_preprocessing, read_image
-from utils.io import DataError, save_image
+from utils.io import save_image
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "pretrained" / "superpoint_v1.pth"
 OUTPUT_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -33,7 +31,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("image1")
     parser.add_argument("image2")
-    parser.add_argument("--weights", help=f"weights file (default: {DEFAULT_WEIGHTS})")
+    parser.add_argument("--weights", help="weights file (default: the project's pretrained/superpoint_mix.pth)")
     parser.add_argument("--output", default="matches.png", help="PNG to write (default: matches.png)")
     parser.add_argument("--resize", type=int, nargs=2, metavar=("H", "W"), help="network input size (multiples of 8)")
     parser.add_argument("--max-edge", type=int, help="shrink so the longer side is at most this")
@@ -43,14 +41,6 @@ def parse_args(argv):
     parser.add_argument("--backend", choices=list(BACKEND_NAMES), default="torch",
                         help="runtime of the network (utils/backends.py; auto: the fastest here)")
     return parser.parse_args(argv)
-
-
-def default_weights() -> Path:
-    if not DEFAULT_WEIGHTS.is_file():
-        raise DataError(f"no weights given and {DEFAULT_WEIGHTS} does not exist: pass --weights, or download "
-                        f"superpoint_v1.pth from github.com/magicleap/SuperPointPretrainedNetwork (non-commercial "
-                        f"research licence) into pretrained/")
-    return DEFAULT_WEIGHTS
 
 
 def check_arguments(args) -> None:
@@ -69,7 +59,7 @@ def main(argv=None):
     images = [read_image(args.image1), read_image(args.image2)]  # clear errors before the model loads
     preprocessing = check_preprocessing({"resize": list(args.resize) if args.resize else None,
                                          "max_edge": args.max_edge}, "command line")
-    extractor = SuperPointExtractor.from_weights(args.weights or default_weights(), device=default_device(),
+    extractor = SuperPointExtractor.from_weights(args.weights, device=default_device(),
                                                  top_k=args.top_k, precision=args.precision,
                                                  backend=args.backend)
     f1, f2 = (extract_file(extractor, path, preprocessing) for path in (args.image1, args.image2))

@@ -7,19 +7,23 @@ precision and memory layout, shared with training) and its keypoints come from
 """
 from __future__ import annotations
 
+import logging
 from functools import partial
+from pathlib import Path
 from typing import Mapping
 
 import torch
 from torch import nn
 
-from models import get_model
+from models import SHIPPED_SUPERPOINT, get_model
 from utils.backends import make_backend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, check_int, check_number, merge
 from utils.io import DataError
 from utils.keypoints import DESCRIPTOR_SAMPLING, extract_keypoints, logits_to_heatmap, sample_descriptors
 from utils.matching import nearest_neighbour_matches
+
+log = logging.getLogger(__name__)
 
 default_conf = {
     "name": "SuperPointNet_gauss2",
@@ -59,6 +63,16 @@ def weights_path(conf: Mapping) -> str | None:
 _POSTPROCESSING_CHECKS = (("detection_threshold", partial(check_number, low=0, high=1), 0.015),
                           ("nms", partial(check_int, minimum=0), 4), ("remove_borders", partial(check_int, minimum=0), 4),
                           ("top_k", partial(check_int, minimum=0), 1000))
+
+
+def default_weights() -> Path:
+    """The project's shipped SuperPoint (pretrained/superpoint_mix.pth), for the feature export, the match
+    demo and the Python API called without weights; says so in the log. Missing: a DataError."""
+    if not SHIPPED_SUPERPOINT.is_file():
+        raise DataError(f"no weights given and the project's {SHIPPED_SUPERPOINT} is missing from this checkout: "
+                        f"pass a weights file (--weights, model.pretrained) or restore pretrained/")
+    log.warning("no weights given: using the project's SuperPoint %s (see pretrained/README.md)", SHIPPED_SUPERPOINT)
+    return SHIPPED_SUPERPOINT
 
 
 def apply_overrides(conf: dict, weights=None, source: str = "config", **model_keys) -> dict:
@@ -196,13 +210,15 @@ class SuperPointExtractor(nn.Module):
         }
 
     @classmethod
-    def from_weights(cls, path, device: torch.device | str = "cpu", **conf) -> "SuperPointExtractor":
-        """An extractor for a weights file, the network picked from its layout (`network_for_weights`).
+    def from_weights(cls, path=None, device: torch.device | str = "cpu", **conf) -> "SuperPointExtractor":
+        """An extractor for a weights file, the network picked from its layout (`network_for_weights`);
+        None: the project's shipped SuperPoint (`default_weights`).
         conf: other `model` keys (detection_threshold, nms, top_k, precision, ...).
 
         `descriptor_sampling` defaults to what the weights were trained with: 'superglue' for MagicLeap's
         layout (their descriptors then equal SuperGlue's, LightGlue's and hloc's, which those tools'
         pretrained matchers expect), 'exact' for this project's network."""
+        path = path if path is not None else default_weights()
         name = network_for_weights(path)
         conf.setdefault("descriptor_sampling", "superglue" if name == "SuperPointNet_pretrained" else "exact")
         return cls({**conf, "name": name, "pretrained": str(path)}, device=device)

@@ -133,7 +133,13 @@ def load_features_config(path: str | Path, weights=None, resize=None, max_edge=N
         conf["data"]["preprocessing"].update(resize=given["resize"], max_edge=given["max_edge"])
     conf["data"]["preprocessing"] = check_preprocessing(conf["data"]["preprocessing"], path)
     conf["matching"] = check_matching(conf["matching"], path)
-    return extractor_lib.apply_overrides(conf, weights, source=str(path), precision=precision, backend=backend)
+    conf = extractor_lib.apply_overrides(conf, weights, source=str(path), precision=precision, backend=backend)
+    if not conf["model"]["pretrained"]:
+        # Features of random weights are of no use: the shipped SuperPoint, with the descriptor sampling
+        # it was trained with (the config's 'superglue' suits MagicLeap's weights).
+        conf["model"].update(name="SuperPointNet_gauss2", pretrained=str(extractor_lib.default_weights()),
+                             descriptor_sampling="exact")
+    return conf
 
 
 def _is_complete(h5: h5py.File, name: str) -> bool:
@@ -268,7 +274,7 @@ def run(args) -> dict:
     dump_config(exper_dir / "config.yml", conf)
     output = exper_dir / "features.h5"
     log.info("exporting features of %s with %s (%s) to %s", root, conf["model"]["name"],
-             conf["model"]["pretrained"] or "random weights", output)
+             conf["model"]["pretrained"], output)
     summary = export_folder(extractor, root, output, conf["data"]["preprocessing"], overwrite=args.overwrite,
                             max_bad_fraction=args.max_bad_fraction)
     plan.update(bad_items={"count": summary["n_failed"], "items": summary["failed"]})

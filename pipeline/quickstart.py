@@ -1,6 +1,6 @@
 """`make quickstart`: the whole pipeline, end to end, on built-in data, with the commands users run.
 
-    python -m pipeline.quickstart [--output quickstart_output] [--budget default|smoke]
+    python -m pipeline.quickstart [--output quickstart_output] [--budget default|smoke] [--magicpoint train|pretrained]
 
 Stages (each one is the project's own command line, run in a subprocess with DATA_PATH and EXPER_PATH
 pointing inside the output folder, so that nothing is written anywhere else):
@@ -8,12 +8,14 @@ pointing inside the output folder, so that nothing is written anywhere else):
 1. data        scikit-image's sample photographs (datasets/builtin.py): training images as
                `data/COCO/{train,val}2014/`, held-out ones as HPatches-style sequences with known
                homographies in `data/HPatches/` (viewpoint `v_*` and illumination `i_*`).
-2. magicpoint  `train4.py train_base` on synthetic shapes rendered on the fly (the quick config, shorter).
+2. magicpoint  `train4.py train_base` on synthetic shapes rendered on the fly (the quick config, shorter);
+               with `--magicpoint pretrained`, the shipped pretrained/magicpoint_synth.pth instead.
 3. labels      `export.py export_detector_homoAdapt` on the training images with that MagicPoint.
 4. superpoint  `train4.py train_joint` from the MagicPoint weights on those labels.
 5. evaluation  `export.py export_descriptor` + `evaluation.py` for the trained SuperPoint, for the same
                network with random weights, for SIFT (`export_classical.py`, `--sift`) and, when
-               MagicLeap's weights are found, for them.
+               MagicLeap's weights are found, for them, and for the project's shipped
+               pretrained/superpoint_mix.pth (row `shipped`).
 
 It prints the seven-metric table and writes `summary.json` (one entry per row, each that row's
 `result.json`), `table.md` and `timings.json` in the output folder. Every stage's config is written to
@@ -31,11 +33,12 @@ from pathlib import Path
 
 import settings
 from datasets import builtin
+from models import SHIPPED_MAGICPOINT, SHIPPED_SUPERPOINT
 from utils.checkpoints import latest_checkpoint
 from utils.cli import exit_on_error, setup_logging
 from utils.config import dump_config, load_yaml
 from utils.evaluation import HEADLINE_HEADER, headline_cells
-from utils.io import write_json, write_text
+from utils.io import DataError, write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,6 +160,14 @@ def random_weights(out: Path, seed: int) -> Path:
     return save_checkpoint(out / "logs" / "random_init" / "checkpoints", 0, get_model("SuperPointNet_gauss2"))
 
 
+def shipped_weights(path: Path) -> Path:
+    """One of the project's shipped weights files; a DataError naming it when the checkout lacks it."""
+    if not path.is_file():
+        raise DataError(f"{path}: the project's shipped weights are missing from this checkout (git checkout "
+                        f"pretrained/, or run with --magicpoint train)")
+    return path
+
+
 def magicleap_weights() -> Path | None:
     """MagicLeap's superpoint_v1.pth where the project looks for it (pretrained/, DATA_PATH/pretrained/)."""
     for folder in (REPO / "pretrained", Path(settings.DATA_PATH) / "pretrained", REPO.parent / "shared/data/pretrained"):
@@ -194,7 +205,9 @@ def results_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def run_quickstart(out: Path, budget_name: str = "default", seed: int = 0) -> dict:
+def run_quickstart(out: Path, budget_name: str = "default", seed: int = 0, magicpoint: str = "train") -> dict:
+    """The pipeline into `out`. magicpoint: 'train' (stage 2 trains one) or 'pretrained' (the shipped
+    pretrained/magicpoint_synth.pth, which skips stage 2)."""
     budget = BUDGETS[budget_name]
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -205,13 +218,19 @@ def run_quickstart(out: Path, budget_name: str = "default", seed: int = 0) -> di
     print(f"[data] {len(data['train_images'])} training images, {len(data['eval_sequences'])} evaluation "
           f"sequences (5 pairs each) under {run.data}", flush=True)
 
-    magicpoint = train_magicpoint(run, budget, seed)
+    if magicpoint == "pretrained":
+        magicpoint = shipped_weights(SHIPPED_MAGICPOINT)
+        print(f"[magicpoint] the shipped {magicpoint} (no MagicPoint training)", flush=True)
+    else:
+        magicpoint = train_magicpoint(run, budget, seed)
     labels = export_labels(run, budget, magicpoint)
     superpoint = train_superpoint(run, budget, magicpoint, labels, seed)
 
     summary = {"trained": evaluate(run, "trained", superpoint),
                "random_init": evaluate(run, "random_init", random_weights(out, seed)),
                "sift": evaluate(run, "sift", None)}
+    if SHIPPED_SUPERPOINT.is_file():
+        summary["shipped"] = evaluate(run, "shipped", SHIPPED_SUPERPOINT)
     magicleap = magicleap_weights() if budget["magicleap"] else None
     if magicleap is not None:
         summary["magicleap"] = evaluate(run, "magicleap", magicleap, network="SuperPointNet_pretrained")
@@ -238,10 +257,13 @@ def main(argv=None):
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="default",
                         help="default: 15-18 min on 2 CPU cores; smoke: every stage in a few minutes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--magicpoint", choices=["train", "pretrained"], default="train",
+                        help="train: stage 2 trains a MagicPoint; pretrained: start from the shipped "
+                             "pretrained/magicpoint_synth.pth (about 9 minutes less)")
     args = parser.parse_args(argv)
     setup_logging(False)
     try:
-        run_quickstart(Path(args.output), args.budget, args.seed)
+        run_quickstart(Path(args.output), args.budget, args.seed, args.magicpoint)
     except StageFailed as e:  # the stage printed its own error; say which stage, keep its status
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.status if 0 < e.status < 256 else 1)

@@ -14,6 +14,7 @@ import yaml
 import export
 import match_pair
 import settings
+from models import extractor as extractor_lib
 from models.SuperPointNet_gauss2 import SuperPointNet_gauss2
 from models.SuperPointNet_pretrained import SuperPointNet_pretrained
 from models.extractor import SuperPointExtractor, network_for_weights, to_grey
@@ -286,7 +287,7 @@ def test_match_pair_errors(tmp_path, shared_data, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         match_pair.main([image, str(tmp_path / "nope.png")])
     assert e.value.code == 2 and "nope.png: image file not found" in capsys.readouterr().err
-    monkeypatch.setattr(match_pair, "DEFAULT_WEIGHTS", tmp_path / "pretrained" / "superpoint_v1.pth")
+    monkeypatch.setattr(extractor_lib, "SHIPPED_SUPERPOINT", tmp_path / "pretrained" / "superpoint_mix.pth")
     with pytest.raises(SystemExit) as e:
         match_pair.main([image, image])
-    assert e.value.code == 2 and "SuperPointPretrainedNetwork" in capsys.readouterr().err
+    assert e.value.code == 2 and "superpoint_mix.pth is missing from this checkout" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import yaml
 
 import export
 import settings
+from models import SHIPPED_SUPERPOINT
 from models.SuperPointNet_pretrained import SuperPointNet_pretrained
 from models.extractor import SuperPointExtractor, match
 from utils import metrics
@@ -177,8 +178,10 @@ def test_torch_hub_load_from_a_local_checkout(random_weights):
     image = torch.from_numpy(textured(64, 80))
     a, b = hub.extract(image), direct.extract(image)
     assert a["mask"].sum() == 50 and all(torch.equal(a[k], b[k]) for k in a)
-    random_net = torch.hub.load(str(REPO), "superpoint", source="local")
+    random_net = torch.hub.load(str(REPO), "superpoint", source="local", weights="random")
     assert isinstance(random_net, SuperPointExtractor) and random_net.conf["pretrained"] is None
+    shipped = torch.hub.load(str(REPO), "superpoint", source="local")  # no weights: the project's own
+    assert shipped.conf["pretrained"] == str(SHIPPED_SUPERPOINT) and shipped.conf["descriptor_sampling"] == "exact"
 
 
 def readme_example() -> str:

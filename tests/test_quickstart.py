@@ -78,7 +78,7 @@ def test_sequences_are_deterministic_and_load_as_hpatches(sequences, tmp_path):
 def test_quickstart_smoke_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "qs"
     summary = quickstart.run_quickstart(out, "smoke", seed=0)
-    assert list(summary) == ["trained", "random_init", "sift"]
+    assert list(summary) == ["trained", "random_init", "sift", "shipped"]  # shipped: pretrained/superpoint_mix.pth
     saved = json.loads((out / "summary.json").read_text())
     assert saved == summary
     for row in summary.values():
@@ -91,7 +91,7 @@ def test_quickstart_smoke_runs_every_stage(tmp_path, capsys):
     assert (out / "table.md").read_text().strip() in printed
     timings = json.loads((out / "timings.json").read_text())
     assert {"data", "magicpoint", "labels", "superpoint", "evaluation", "total"} <= set(timings)
-    for stage in ("magicpoint", "labels_train", "labels_val", "superpoint", "eval_trained", "eval_sift"):
+    for stage in ("magicpoint", "labels_train", "labels_val", "superpoint", "eval_trained", "eval_sift", "eval_shipped"):
         assert (out / "configs" / f"{stage}.yaml").is_file()
     assert any((out / "runs").rglob("events.out.tfevents.*"))  # tensorboard stayed inside the output
     assert len(list((out / "logs" / "magicpoint_quick_homoAdapt" / "predictions" / "train").glob("*.npz"))) >= 10

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from torch import nn
 
+from utils.io import DataError
+
 from models.SuperPointNet_gauss2 import SuperPointNet_gauss2
 from models.SuperPointNet_pretrained import SuperPointNet_pretrained
 
@@ -13,6 +15,14 @@ from models.SuperPointNet_pretrained import SuperPointNet_pretrained
 PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
 SHIPPED_MAGICPOINT = PRETRAINED_DIR / "magicpoint_synth.pth"
 SHIPPED_SUPERPOINT = PRETRAINED_DIR / "superpoint_mix.pth"
+
+
+def shipped_weights(path: Path) -> Path:
+    """`path`, one of the shipped weights files; a DataError naming it when this checkout lacks it."""
+    if not path.is_file():
+        raise DataError(f"{path}: the project's shipped weights are missing from this checkout (restore "
+                        f"pretrained/ with git checkout, or pass a weights file)")
+    return path
 
 NETWORKS = {
     "SuperPointNet_gauss2": SuperPointNet_gauss2,

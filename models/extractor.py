@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from models import SHIPPED_SUPERPOINT, get_model
+from models import SHIPPED_SUPERPOINT, get_model, shipped_weights
 from utils.backends import make_backend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, check_int, check_number, merge
@@ -68,11 +68,9 @@ _POSTPROCESSING_CHECKS = (("detection_threshold", partial(check_number, low=0, h
 def default_weights() -> Path:
     """The project's shipped SuperPoint (pretrained/superpoint_mix.pth), for the feature export, the match
     demo and the Python API called without weights; says so in the log. Missing: a DataError."""
-    if not SHIPPED_SUPERPOINT.is_file():
-        raise DataError(f"no weights given and the project's {SHIPPED_SUPERPOINT} is missing from this checkout: "
-                        f"pass a weights file (--weights, model.pretrained) or restore pretrained/")
-    log.warning("no weights given: using the project's SuperPoint %s (see pretrained/README.md)", SHIPPED_SUPERPOINT)
-    return SHIPPED_SUPERPOINT
+    path = shipped_weights(SHIPPED_SUPERPOINT)
+    log.warning("no weights given: using the project's SuperPoint %s (see pretrained/README.md)", path)
+    return path
 
 
 def apply_overrides(conf: dict, weights=None, source: str = "config", **model_keys) -> dict:

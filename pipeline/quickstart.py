@@ -33,12 +33,12 @@ from pathlib import Path
 
 import settings
 from datasets import builtin
-from models import SHIPPED_MAGICPOINT, SHIPPED_SUPERPOINT
+from models import SHIPPED_MAGICPOINT, SHIPPED_SUPERPOINT, shipped_weights
 from utils.checkpoints import latest_checkpoint
 from utils.cli import exit_on_error, setup_logging
 from utils.config import dump_config, load_yaml
 from utils.evaluation import HEADLINE_HEADER, headline_cells
-from utils.io import DataError, write_json, write_text
+from utils.io import write_json, write_text
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -158,14 +158,6 @@ def random_weights(out: Path, seed: int) -> Path:
 
     torch.manual_seed(seed)
     return save_checkpoint(out / "logs" / "random_init" / "checkpoints", 0, get_model("SuperPointNet_gauss2"))
-
-
-def shipped_weights(path: Path) -> Path:
-    """One of the project's shipped weights files; a DataError naming it when the checkout lacks it."""
-    if not path.is_file():
-        raise DataError(f"{path}: the project's shipped weights are missing from this checkout (git checkout "
-                        f"pretrained/, or run with --magicpoint train)")
-    return path
 
 
 def magicleap_weights() -> Path | None:

@@ -290,4 +290,4 @@ def test_match_pair_errors(tmp_path, shared_data, monkeypatch, capsys):
     monkeypatch.setattr(extractor_lib, "SHIPPED_SUPERPOINT", tmp_path / "pretrained" / "superpoint_mix.pth")
     with pytest.raises(SystemExit) as e:
         match_pair.main([image, image])
-    assert e.value.code == 2 and "superpoint_mix.pth is missing from this checkout" in capsys.readouterr().err
+    assert e.value.code == 2 and "superpoint_mix.pth: the project's shipped weights are missing from this checkout" in capsys.readouterr().err

@@ -55,7 +55,7 @@ def test_shipped_file_is_the_one_its_card_describes(path):
 def unseen_synthetic_scenes(count: int = 48, seed: int = 2026):
     """Validation-style synthetic shapes (the shipped recipe's data section) from a generator seed that
     neither training nor validation used."""
-    conf = load_yaml("configs/magicpoint_shapes_pretrained.yaml")["data"]
+    conf = load_yaml(PRETRAINED_DIR.parent / "configs" / "magicpoint_shapes_pretrained.yaml")["data"]
     conf["generation"] = {**conf.get("generation", {}), "random_seed": seed}
     dataset = SyntheticDataset_gaussian(conf, task="val", seed=seed)
     step = max(1, len(dataset) // count)

@@ -446,6 +446,22 @@ def test_signals_become_interruptions_with_their_exit_status():
     assert e.value.signum == signal.SIGTERM
 
 
+def test_logging_follows_a_replaced_stderr_and_survives_a_closed_one(monkeypatch):
+    """The commands' log goes to the stderr of the moment: a closed stderr of an earlier caller (a test's
+    capture, a notebook cell) is never written to."""
+    import io
+    import logging
+    from utils.cli import setup_logging
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))  # restored afterwards
+    monkeypatch.setattr(sys, "stderr", first)
+    setup_logging()
+    first.close()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("faults").info("after the swap")
+    assert "after the swap" in second.getvalue()
+
+
 def test_sigterm_during_a_label_export_loses_nothing(paths, random_weights):
     for i in range(40):
         write_image(paths / "data" / "COCO" / "val2014" / f"im{i:02d}.jpg", seed=i)

@@ -293,7 +293,8 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path):
     config.write_text(json.dumps({
         "data": {"dataset": "TinySquares", "delay": 0.05},
         "model": {"batch_size": 4, "eval_batch_size": 4, "detector_loss": {"loss_type": "cross_entropy"}},
-        "training": {"workers_train": 0, "precision": "fp32"},
+        # threads fixed: 'auto' follows the machine's load, and another thread count sums in another order
+        "training": {"workers_train": 0, "precision": "fp32", "threads": 1},
         "train_iter": 8, "save_interval": 2, "tensorboard_interval": 100, "seed": 0}))  # JSON is YAML
     launcher = (f"import sys, torch; torch.set_num_threads(1); sys.path.insert(0, {str(REPO / 'tests')!r}); "
                 "import datasets; "

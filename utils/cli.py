@@ -31,8 +31,22 @@ EXIT_TOO_MANY_BAD = 5  # more bad input items than the allowed fraction
 
 def setup_logging(debug: bool = False) -> None:
     """INFO (or DEBUG with --debug) to stderr; safe to call twice (the reference's --debug was a no-op)."""
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, force=True,
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, force=True, handlers=[_StderrHandler()],
                         format="[%(asctime)s %(levelname)s %(name)s] %(message)s", datefmt="%H:%M:%S")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A handler on the sys.stderr of each message, not the one of setup time: a caller that replaces
+    stderr (a notebook, a test capturing output, a redirecting wrapper) keeps getting the log, and a
+    closed former stderr never breaks logging."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ assigns its stream; the current stderr is used instead
+        pass
 
 
 class Interrupted(KeyboardInterrupt):

@@ -1,6 +1,6 @@
 """Training: `python train4.py train_base|train_joint <config.yaml> <exper_name> [--eval] [--debug] [--resume | --overwrite]`.
 
-Tasks (the same trainer, pipeline/trainer.py; the reference's train_base also called train_joint)
+Tasks (one trainer, pipeline/training_run.py; the reference's train_base also called train_joint)
   train_base    MagicPoint on synthetic shapes (configs/magicpoint_shapes_pair.yaml)
   train_joint   SuperPoint, detector and descriptor (configs/superpoint_coco_train_heatmap.yaml)
 
@@ -10,8 +10,9 @@ events to runs/<task>/<exper_name>_<date>. Several processes: `torchrun --nproc_
 import argparse
 import sys
 
-from pipeline import trainer
+from pipeline import training_run
 from utils.cli import EXIT_DIVERGED, exit_on_error, setup_logging
+from utils.divergence import TrainingDiverged
 
 TASKS = ("train_base", "train_joint")
 
@@ -24,12 +25,12 @@ def main(argv=None):
     parser.add_argument("exper_name", help="experiment name: outputs go to EXPER_PATH/<exper_name>/")
     parser.add_argument("--eval", action="store_true", help="validate every validation_interval iterations")
     parser.add_argument("--debug", action="store_true", help="DEBUG logging")
-    trainer.add_arguments(parser)
+    training_run.add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging(args.debug)
     try:
-        trainer.run(args)
-    except trainer.TrainingDiverged as e:
+        training_run.run(args)
+    except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
 

@@ -119,7 +119,7 @@ def measure(device_name: str, loss: str, batch: int, size, steps: int, runs: int
     data = SyntheticPairs(conf["data"], *size, length=batch)
     with tempfile.TemporaryDirectory() as folder:
         tr = trainer_lib.Trainer(conf, folder, device=device, datasets=(data, data), source=str(CONFIG))
-        batches = tr._batches()
+        batches = tr.data.batches(tr.n_iter)
         fixed = next(batches)
         batches.close()
         # The descriptor loss alone, on the network's descriptors of this batch.

@@ -59,7 +59,7 @@ def main():
                     concrete = precision_lib.resolve(precision, device)
                     if concrete not in measured:
                         tr = make_trainer(device, batch, precision, args.workers, folder)
-                        batches = tr._batches()
+                        batches = tr.data.batches(tr.n_iter)
                         fixed = next(batches)
                         measured[concrete] = {
                             "excluded": seconds_per_call(lambda: tr.train_step(fixed), device, args.steps, args.runs),

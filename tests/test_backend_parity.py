@@ -110,7 +110,7 @@ def test_bf16_training_lowers_the_loss_like_fp32(tmp_path, monkeypatch):
     for precision in ("fp32", "bf16"):
         conf = make_conf(data={"length": 4}, training={"precision": precision, "threads": 1})
         tr = trainer_lib.Trainer(conf, tmp_path / precision)
-        batches = tr._batches()
+        batches = tr.data.batches(tr.n_iter)
         losses = [float(tr.train_step(next(batches))[0]["loss"]) for _ in range(12)]
         batches.close()
         assert tr.concrete_precision == precision

@@ -12,7 +12,8 @@ import yaml
 
 import export
 import settings
-from pipeline import trainer as trainer_lib
+from pipeline import training_settings
+from pipeline import training_run
 from utils.checkpoints import load_checkpoint
 from utils.config import load_config
 from utils.evaluation import evaluate_predictions, headline_table
@@ -78,14 +79,14 @@ def test_finetuning_magicleap_keeps_hpatches_homography_correctness(tmp_path, mo
     labelled = time.perf_counter()
 
     # Fine-tune with the shipped config, shortened.
-    conf = load_config(FINETUNE_CONFIG, trainer_lib.default_conf)
+    conf = load_config(FINETUNE_CONFIG, training_settings.default_conf)
     assert conf["model"]["name"] == "SuperPointNet_pretrained" and not conf["retrain"]
     conf["pretrained"] = str(magicleap_weights)
     conf["data"]["preprocessing"]["resize"] = TRAIN_SIZE
     conf["model"].update(batch_size=2, eval_batch_size=2)
     conf["training"].update(workers_train=0, workers_val=0)
     conf.update(train_iter=TRAIN_ITER, save_interval=TRAIN_ITER, validation_interval=TRAIN_ITER, validation_size=1)
-    summary = trainer_lib.train(conf, "finetune", "train_joint", validate=True, exper_root=exper,
+    summary = training_run.train(conf, "finetune", "train_joint", validate=True, exper_root=exper,
                                 runs_root=tmp_path / "runs", source=str(FINETUNE_CONFIG))
     assert summary["iterations"] == TRAIN_ITER and summary["nan_skipped"] == 0
     assert summary["validation"]["matches"] > 0

@@ -15,6 +15,7 @@ from datasets.Kitti_inh import Kitti_inh
 from datasets.Tum import Tum
 from datasets.data_tools import gaussian_label_map
 from pipeline import trainer as trainer_lib
+from pipeline import training_settings
 from utils.checkpoints import load_checkpoint
 from utils.config import load_config, merge
 from utils.geometry import inside_image, valid_mask, warp_image, warp_points
@@ -197,7 +198,7 @@ def test_tum_scenes_export_and_training(tmp_path):
     ("superpoint_tum_train_heatmap.yaml", "Tum"), ("magicpoint_kitti_train.yaml", "Kitti_inh"),
     ("superpoint_coco_finetune_magicleap.yaml", "Coco")])
 def test_shipped_training_configs_validate(name, dataset):
-    conf = load_config(REPO / "configs" / name, trainer_lib.default_conf)
+    conf = load_config(REPO / "configs" / name, training_settings.default_conf)
     assert conf["data"]["dataset"] == dataset
     data = merge(get_dataset_class(dataset).default_conf, conf["data"], source=name)
     loss = get_descriptor_loss(conf["model"], name)
@@ -223,7 +224,7 @@ def joint_conf(loss: str, **overrides) -> dict:
         "train_iter": 4, "save_interval": 2, "validation_interval": 2, "tensorboard_interval": 2,
         "validation_size": 1, "seed": 0, **overrides,
     }
-    return merge(trainer_lib.default_conf, user)
+    return merge(training_settings.default_conf, user)
 
 
 def build_trainer(tmp_path, conf, folder="exp", validate=False):
@@ -237,7 +238,7 @@ def build_trainer(tmp_path, conf, folder="exp", validate=False):
 def test_a_short_run_from_random_init_separates_negatives_from_positives(tmp_path, loss):
     make_coco(tmp_path, n_train=2, unlabelled=0)
     tr = build_trainer(tmp_path, joint_conf(loss))
-    batches = tr._batches()
+    batches = tr.data.batches(tr.n_iter)
     gaps, losses = [], []
     for _ in range(12):
         out, _, stepped = tr.train_step(next(batches))

@@ -16,6 +16,10 @@ import torch.multiprocessing as mp
 
 import datasets
 from pipeline import trainer as trainer_lib
+from pipeline import training_settings
+from pipeline import training_run
+from utils.divergence import TrainingDiverged
+from models import get_model
 from utils import distributed
 from utils import metrics as metrics_lib
 from utils.checkpoints import load_checkpoint
@@ -88,11 +92,11 @@ def make_conf(**overrides) -> dict:
         "train_iter": 6, "save_interval": 3, "validation_interval": 100, "tensorboard_interval": 2,
         "validation_size": 2, "seed": 0,
     }
-    return merge(trainer_lib.default_conf, deep_update(user, overrides))
+    return merge(training_settings.default_conf, deep_update(user, overrides))
 
 
 def run(tmp_path, conf, name="exp", **kwargs) -> dict:
-    return trainer_lib.train(conf, name, "train_base", exper_root=tmp_path / "logs", runs_root=tmp_path / "runs",
+    return training_run.train(conf, name, "train_base", exper_root=tmp_path / "logs", runs_root=tmp_path / "runs",
                              **kwargs)
 
 
@@ -112,7 +116,7 @@ def test_exact_iterations_and_checkpoints(tmp_path):
     final = load_checkpoint(exp / "checkpoints" / "superPointNet_5_checkpoint.pth.tar")
     assert final["n_iter"] == 5
     assert adam_steps(final) == {5}  # every parameter stepped exactly train_iter times
-    assert set(final["model_state_dict"]) == set(trainer_lib.get_model("SuperPointNet_gauss2").state_dict())
+    assert set(final["model_state_dict"]) == set(get_model("SuperPointNet_gauss2").state_dict())
     assert "dataset: TinySquares" in (exp / "config.yml").read_text()
     assert list((tmp_path / "runs" / "train_base").glob("exp_*/events.out.tfevents.*"))
 
@@ -176,7 +180,7 @@ def test_nan_batches_are_skipped_and_counted(tmp_path):
 
 def test_repeated_nans_stop_without_writing_a_checkpoint_of_the_diverged_state(tmp_path):
     conf = make_conf(data={"nan": "all"}, train_iter=20, save_interval=20, training={"nan_patience": 3})
-    with pytest.raises(trainer_lib.TrainingDiverged,
+    with pytest.raises(TrainingDiverged,
                        match="iteration 3: .*NaN.* 3 consecutive iterations from iteration 1.*no checkpoint"):
         run(tmp_path, conf)
     assert checkpoints(tmp_path / "logs/exp") == []
@@ -220,7 +224,7 @@ def test_a_short_run_lowers_the_loss(tmp_path, loss_type):
     # 4 samples, batch 4: every iteration sees the same images, so the loss must fall steadily.
     conf = make_conf(data={"length": 4}, model={"detector_loss": {"loss_type": loss_type}})
     tr = trainer_lib.Trainer(conf, tmp_path)
-    batches = tr._batches()
+    batches = tr.data.batches(tr.n_iter)
     losses = [float(tr.train_step(next(batches))[0]["loss"]) for _ in range(12)]
     batches.close()
     assert losses[-1] < 0.75 * losses[0], losses
@@ -230,7 +234,7 @@ def test_a_short_run_lowers_the_loss(tmp_path, loss_type):
 def test_bf16_training_step_and_precision_errors(tmp_path):
     tr = trainer_lib.Trainer(make_conf(training={"precision": "bf16"}), tmp_path)
     assert tr.channels_last  # CPU default
-    batches = tr._batches()
+    batches = tr.data.batches(tr.n_iter)
     losses, out, stepped = tr.train_step(next(batches))
     batches.close()
     assert stepped and out["semi"].dtype == torch.float32 and losses["loss"].dtype == torch.float32
@@ -281,7 +285,7 @@ def test_detection_metrics_by_hand():
                                   "superpoint_coco_train_heatmap.yaml"])
 def test_shipped_configs_validate(name):
     from utils.config import load_config
-    conf = load_config(REPO / "configs" / name, trainer_lib.default_conf)
+    conf = load_config(REPO / "configs" / name, training_settings.default_conf)
     dataset = datasets.get_dataset_class(conf["data"]["dataset"])
     merge(dataset.default_conf, conf["data"], source=name)
 
@@ -319,7 +323,7 @@ def test_kill_9_then_resume_continues_from_the_last_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"superPointNet_{max(done)}_checkpoint.pth.tar: model, optimizer, iteration {max(done)}" in resumed.stderr
     from utils.config import load_config
-    run(tmp_path, load_config(config, trainer_lib.default_conf), name="straight")
+    run(tmp_path, load_config(config, training_settings.default_conf), name="straight")
     ckpt = "checkpoints/superPointNet_8_checkpoint.pth.tar"
     assert_same_state(load_checkpoint(tmp_path / "logs/straight" / ckpt), load_checkpoint(folder / ckpt))
 
@@ -349,7 +353,7 @@ def ddp_worker(rank: int, world: int, port: int, root: str):
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
     register_tiny_dataset()
-    summary = trainer_lib.train(make_conf(**DDP_OVERRIDES), "ddp", "train_base", exper_root=Path(root) / "logs",
+    summary = training_run.train(make_conf(**DDP_OVERRIDES), "ddp", "train_base", exper_root=Path(root) / "logs",
                                 runs_root=Path(root) / "runs")
     sampler = distributed.ResumableSampler(TinySquares({"length": 12}), distributed.DistributedContext(rank, world),
                                            shuffle=True, seed=0)

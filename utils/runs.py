@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import json
 import logging
 import os
 import shlex
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from utils.config import ConfigError, check_number, to_plain
-from utils.io import DataError, read_json, write_json
+from utils.io import DataError, read_json, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,26 @@ def remove_outputs(folder: Path, outputs: Iterable[str]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+def drop_rows_after(path: Path, n_iter: int) -> None:
+    """Remove the rows of a metrics.jsonl whose iteration is after `n_iter` (and a line cut short): a run
+    killed after validating but before its next checkpoint resumes before them and writes them again."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if _row_iteration(line) <= n_iter]
+    if len(kept) != len(lines):
+        log.info("%s: dropped %d row(s) after iteration %d (the resumed run repeats them)", path,
+                 len(lines) - len(kept), n_iter)
+        write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _row_iteration(line: str) -> float:
+    try:
+        return float(json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def plan_run(folder: str | Path, record: Mapping, outputs: Sequence[str], resume: bool = False,

@@ -98,6 +98,34 @@ def test_disc_kernel_shape():
     assert k.shape == (5, 5) and k.sum() == 13  # radius-2 disc on the integer grid
 
 
+@pytest.mark.parametrize("radius", [1, 2, 3, 5])
+def test_erosion_matches_scipy_on_every_path(radius):
+    """Both erosions (OpenCV on the CPU, the convolution elsewhere) equal scipy's binary erosion by the
+    same disc with the outside counted as valid."""
+    from scipy import ndimage
+    rng = np.random.default_rng(radius)
+    masks = rng.random((3, 1, 24, 31)) > 0.15
+    masks[1, 0, 5:20, 4:25] = True  # a solid block, so that something survives a wide erosion
+    disc = G.disc_kernel(radius).numpy().astype(bool)
+    expected = np.stack([ndimage.binary_erosion(m[0], structure=disc, border_value=1)[None] for m in masks])
+    tensor = torch.from_numpy(masks).float()
+    assert expected.any() and not expected.all()
+    assert np.array_equal(G.erode_mask(tensor, radius).numpy(), expected)
+    assert np.array_equal(G._erode_by_convolution(tensor, radius).numpy(), expected)
+
+
+def test_source_points_match_the_float64_point_warp():
+    """The preimages of every pixel equal warp_points(pixel, H^-1) computed in float64."""
+    homs = G.denormalize_homography(G.sample_homographies(4, np.random.default_rng(11), {"allow_artifacts": True}),
+                                    40, 56)
+    homs = torch.as_tensor(homs)
+    got = G.source_points(homs, (40, 56))
+    grid = G.pixel_grid(40, 56, dtype=torch.float64).reshape(1, -1, 2)
+    expected = G.warp_points(grid, torch.linalg.inv(homs)).reshape(4, 40, 56, 2)
+    assert got.shape == (4, 40, 56, 2) and got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, atol=1e-3, rtol=0)
+
+
 def test_sampled_homography_corners_stay_inside_without_artifacts():
     rng = np.random.default_rng(3)
     corners = np.array([[-1, -1], [-1, 1], [1, 1], [1, -1]], dtype=np.float64)

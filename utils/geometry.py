@@ -232,13 +232,22 @@ def source_points(homography: torch.Tensor, out_shape, device=None) -> torch.Ten
 
     homography: (B, 3, 3) or (3, 3), pixel, source -> destination. out_shape: (H_out, W_out).
     Returns (B, H_out, W_out, 2) float32 x, y. The inverse is taken in float64; the per-pixel work runs
-    in float32, exact to ~1e-4 px for images of a few thousand pixels.
+    in float32, exact to ~1e-4 px for images of a few thousand pixels. Each row of H^-1 [x, y, 1]^T is a
+    column term plus a row term, summed by broadcasting: 4x faster on the CPU than a (HW, 2) x (2, 2)
+    matrix product, which the label export pays three times per view.
     """
     hom = homography if homography.dim() == 3 else homography[None]
     inv = torch.linalg.inv(hom.to(device=device, dtype=torch.float64)).float()
     h_out, w_out = out_shape
-    grid = pixel_grid(h_out, w_out, device=inv.device).reshape(1, -1, 2)
-    return warp_points(grid, inv).reshape(-1, h_out, w_out, 2)
+    xs = torch.arange(w_out, device=inv.device, dtype=torch.float32)[None, None, :]
+    ys = torch.arange(h_out, device=inv.device, dtype=torch.float32)[None, :, None]
+
+    def projective_row(i: int) -> torch.Tensor:  # (B, H_out, W_out): row i of H^-1 applied to every pixel
+        coefficients = inv[:, i, :, None, None]
+        return torch.addcmul(coefficients[:, 1] * ys + coefficients[:, 2], coefficients[:, 0], xs)
+
+    z = projective_row(2)
+    return torch.stack([projective_row(0) / z, projective_row(1) / z], dim=-1)
 
 
 def warp_image(image: torch.Tensor, homography: torch.Tensor, out_shape=None, mode: str = "bilinear",
@@ -251,9 +260,20 @@ def warp_image(image: torch.Tensor, homography: torch.Tensor, out_shape=None, mo
     """
     b, _, h, w = image.shape
     src = source_points(_as_batch(homography, b), out_shape or (h, w), device=image.device)
+    return sample_image(image, src, mode, padding_mode)
+
+
+def sample_image(image: torch.Tensor, points: torch.Tensor, mode: str = "bilinear",
+                 padding_mode: str = "zeros") -> torch.Tensor:
+    """`image` read at pixel coordinates: out[b, :, i, j] = image[b](points[b, i, j]).
+
+    image: (B, C, H, W). points: (B, H_out, W_out, 2) x, y in pixels (e.g. `source_points`; NaN and inf
+    count as outside). Returns (B, C, H_out, W_out) in the image's dtype.
+    """
+    h, w = image.shape[-2:]
     norm = torch.tensor([2.0 / (w - 1), 2.0 / (h - 1)], device=image.device)
-    src = torch.nan_to_num(src * norm - 1, nan=-2.0, posinf=-2.0, neginf=-2.0)  # points at infinity: outside
-    return F.grid_sample(image, src.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
+    grid = torch.nan_to_num(points * norm - 1, nan=-2.0, posinf=-2.0, neginf=-2.0)  # points at infinity: outside
+    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding_mode, align_corners=True)
 
 
 def disc_kernel(radius: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -264,13 +284,25 @@ def disc_kernel(radius: int, device=None, dtype=torch.float32) -> torch.Tensor:
 
 
 def erode_mask(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Binary erosion of (B, 1, H, W) masks by a disc of `radius` pixels.
+    """Binary erosion of (B, 1, H, W) masks by a disc of `radius` pixels (`disc_kernel`).
 
     Outside the image counts as valid (like OpenCV's default erosion border), so only the boundary of
-    the warped region is eroded, not the image edge. Returns a float mask of 0/1.
+    the warped region is eroded, not the image edge. Returns a float mask of 0/1. On the CPU OpenCV's
+    erosion does it (25x faster than a convolution there: the label export erodes one mask per view);
+    elsewhere a convolution counts the invalid pixels under the disc.
     """
     if radius <= 0:
         return mask.float()
+    if mask.device.type != "cpu":
+        return _erode_by_convolution(mask, radius)
+    kernel = disc_kernel(radius).numpy().astype(np.uint8)
+    binary = (mask > 0.5).to(torch.uint8).numpy()
+    eroded = np.stack([cv2.erode(m[0], kernel)[None] for m in binary]) if len(binary) else binary
+    return torch.from_numpy(eroded).float()
+
+
+def _erode_by_convolution(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """`erode_mask` on any device: a pixel stays valid when no invalid pixel lies under the disc."""
     kernel = disc_kernel(radius, device=mask.device)[None, None]
     invalid = F.pad(1.0 - mask.float(), [radius] * 4, value=0.0)
     hits = F.conv2d(invalid, kernel)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from utils.config import check_choice, check_int, merge
-from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, sample_homographies,
-                            valid_mask, warp_image)
+from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, erode_mask, inside_image,
+                            sample_homographies, sample_image, source_points, warp_image)
 
 # 'sum' is the reference's spelling of the masked mean (see the module docstring), accepted as an alias.
 AGGREGATIONS = ("mean", "sum", "max")
@@ -115,9 +115,10 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
     for start in range(0, homs.shape[0], chunk):
         hom, src, ident = homs[start:start + chunk], owner[start:start + chunk], is_identity[start:start + chunk]
         views = images[src].float()
-        warped = torch.where(ident[:, None, None, None], views, warp_image(views, hom))
+        preimages = source_points(hom, (h, w))  # one set per view, for its warp and its valid mask
+        warped = torch.where(ident[:, None, None, None], views, sample_image(views, preimages))
         heat = heatmap_fn(warped).float().to(device)
-        mask = valid_mask((h, w), hom, erosion_radius=int(conf["valid_border_margin"])).to(heat.dtype)
+        mask = erode_mask(inside_image(preimages, h, w)[:, None], int(conf["valid_border_margin"])).to(device)
         stacked = torch.stack([heat * mask[:, 0], mask[:, 0]], dim=1)  # (n, 2, H, W)
         back = torch.where(ident[:, None, None, None], stacked, warp_image(stacked, torch.linalg.inv(hom)))
         counts.index_add_(0, src, back[:, 1])

@@ -114,16 +114,21 @@ def test_erosion_matches_scipy_on_every_path(radius):
     assert np.array_equal(G._erode_by_convolution(tensor, radius).numpy(), expected)
 
 
-def test_source_points_match_the_float64_point_warp():
-    """The preimages of every pixel equal warp_points(pixel, H^-1) computed in float64."""
+def test_sampling_grid_matches_the_float64_point_warp():
+    """The grid of every destination pixel is its preimage warp_points(pixel, H^-1), computed in float64,
+    in the source's normalised coordinates; inside_grid agrees with inside_image on the pixel preimages."""
     homs = G.denormalize_homography(G.sample_homographies(4, np.random.default_rng(11), {"allow_artifacts": True}),
                                     40, 56)
     homs = torch.as_tensor(homs)
-    got = G.source_points(homs, (40, 56))
+    got = G.sampling_grid(homs, (40, 56))
     grid = G.pixel_grid(40, 56, dtype=torch.float64).reshape(1, -1, 2)
-    expected = G.warp_points(grid, torch.linalg.inv(homs)).reshape(4, 40, 56, 2)
+    preimages = G.warp_points(grid, torch.linalg.inv(homs)).reshape(4, 40, 56, 2)
+    expected = preimages * torch.tensor([2 / 55, 2 / 39], dtype=torch.float64) - 1
     assert got.shape == (4, 40, 56, 2) and got.dtype == torch.float32
-    assert torch.allclose(got.double(), expected, atol=1e-3, rtol=0)
+    assert torch.allclose(got.double(), expected, atol=1e-4, rtol=0)
+    inside = G.inside_image(preimages, 40, 56)
+    assert 0 < inside.sum() < inside.numel()
+    assert torch.equal(G.inside_grid(got, 40, 56), inside)
 
 
 def test_sampled_homography_corners_stay_inside_without_artifacts():

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from utils.config import check_choice, check_int, merge
-from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, erode_mask, inside_image,
-                            sample_homographies, sample_image, source_points, warp_image)
+from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, erode_mask, inside_grid,
+                            sample_homographies, sample_with_grid, sampling_grid)
 
 # 'sum' is the reference's spelling of the masked mean (see the module docstring), accepted as an alias.
 AGGREGATIONS = ("mean", "sum", "max")
@@ -115,12 +115,12 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
     for start in range(0, homs.shape[0], chunk):
         hom, src, ident = homs[start:start + chunk], owner[start:start + chunk], is_identity[start:start + chunk]
         views = images[src].float()
-        preimages = source_points(hom, (h, w))  # one set per view, for its warp and its valid mask
-        warped = torch.where(ident[:, None, None, None], views, sample_image(views, preimages))
-        heat = heatmap_fn(warped).float().to(device)
-        mask = erode_mask(inside_image(preimages, h, w)[:, None], int(conf["valid_border_margin"])).to(device)
-        stacked = torch.stack([heat * mask[:, 0], mask[:, 0]], dim=1)  # (n, 2, H, W)
-        back = torch.where(ident[:, None, None, None], stacked, warp_image(stacked, torch.linalg.inv(hom)))
+        grid = sampling_grid(hom, (h, w))  # one per view, for its warp and its valid mask
+        heat = heatmap_fn(_unless_identity(ident, views, lambda: sample_with_grid(views, grid))).float().to(device)
+        mask = erode_mask(inside_grid(grid, h, w)[:, None], int(conf["valid_border_margin"])).to(device)
+        stacked = torch.cat([heat[:, None] * mask, mask], dim=1)  # (n, 2, H, W)
+        back = _unless_identity(ident, stacked,
+                                lambda: sample_with_grid(stacked, sampling_grid(torch.linalg.inv(hom), (h, w))))
         counts.index_add_(0, src, back[:, 1])
         if use_max:
             flat = back[:, 0].reshape(len(src), -1)
@@ -133,3 +133,13 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
         # Counts are bilinear resamplings of 0/1 masks: allow for their rounding error.
         prob = torch.where(counts >= conf["filter_counts"] - 1e-3, prob, torch.zeros_like(prob))
     return prob
+
+
+def _unless_identity(is_identity: torch.Tensor, unchanged: torch.Tensor, resample) -> torch.Tensor:
+    """`resample()`, with the views whose homography is exactly the identity left `unchanged` (not
+    resampled, so the identity view is exact); no selection pass when the chunk has none."""
+    if not bool(is_identity.any()):
+        return resample()
+    if bool(is_identity.all()):
+        return unchanged
+    return torch.where(is_identity[:, None, None, None], unchanged, resample())

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from models import SHIPPED_SUPERPOINT, get_model, shipped_weights
-from utils.backends import make_backend
+from utils.backends import NETWORK_HEADS, make_backend
 from utils.checkpoints import extract_state_dict, load_checkpoint, load_weights_into
 from utils.config import OPEN, check_int, check_number, merge
 from utils.io import DataError
@@ -166,19 +166,20 @@ class SuperPointExtractor(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def run_network(self, images: torch.Tensor) -> dict:
+    def run_network(self, images: torch.Tensor, heads=NETWORK_HEADS) -> dict:
         """images (B, 1, H, W) in [0, 1] -> {'semi': (B, 65, Hc, Wc) fp32, 'desc': (B, D, Hc, Wc) fp32},
         Hc = H // 8, Wc = W // 8: at sizes that are not multiples of 8 the network sees every pixel and its
-        pooling drops the last H % 8 rows and W % 8 columns of cells (as in LightGlue and hloc)."""
+        pooling drops the last H % 8 rows and W % 8 columns of cells (as in LightGlue and hloc). `heads`:
+        the outputs needed (a backend may skip the others)."""
         if min(images.shape[-2:]) < 8:
             raise ValueError(f"images of size {tuple(images.shape[-2:])}: H and W must be at least 8")
-        out = self.backend(images)
-        return {"semi": out["semi"], "desc": out["desc"]}
+        out = self.backend(images, heads=tuple(heads))
+        return {head: out[head] for head in heads}
 
     @torch.no_grad()
     def heatmap(self, images: torch.Tensor) -> torch.Tensor:
         """Keypoint probability (B, H, W)."""
-        return logits_to_heatmap(self.run_network(images)["semi"])
+        return logits_to_heatmap(self.run_network(images, heads=("semi",))["semi"])
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict:

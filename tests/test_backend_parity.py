@@ -21,6 +21,7 @@ from tests.test_trainer import make_conf
 from utils import backends
 from utils import homography_adaptation as ha
 from utils.evaluation import evaluate_predictions, prediction_files
+from utils.keypoints import logits_to_heatmap
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
@@ -142,8 +143,14 @@ def test_openvino_compiles_each_shape_once_and_copies_outputs(magicleap_weights)
     first = ex.run_network(a)
     ex.run_network(b)
     again = ex.run_network(a)
-    assert list(ex.backend._compiled) == [(2, 1, 32, 40), (1, 1, 48, 64)]
+    both = ("semi", "descriptors")
+    assert list(ex.backend._compiled) == [((2, 1, 32, 40), both), ((1, 1, 48, 64), both)]
     assert torch.equal(first["semi"], again["semi"])  # not overwritten by the later calls
     want = reference.run_network(b)
     got = ex.run_network(b)
     assert got["semi"].shape == (2, 65, 4, 5) and (got["semi"] - want["semi"]).abs().max() < 1e-3
+    # The detector head alone (the label export's heatmaps) is its own compilation, with the same logits.
+    detector = ex.run_network(b, heads=("semi",))
+    assert list(detector) == ["semi"] and list(ex.backend._compiled)[-1] == ((2, 1, 32, 40), ("semi",))
+    assert (detector["semi"] - got["semi"]).abs().max() < 1e-5
+    assert torch.allclose(ex.heatmap(b), logits_to_heatmap(got["semi"]), atol=1e-6)

@@ -163,7 +163,8 @@ class _OnnxBackend:
                 self._runtime = self._compile(Path(folder) / "net.onnx")
         x = images.detach().to("cpu", torch.float32).contiguous().numpy()
         outputs = self._run(x, [dict(zip(NETWORK_HEADS, onnx_output_names()))[head] for head in heads])
-        return {head: torch.from_numpy(np.array(out, dtype=np.float32)) for head, out in zip(heads, outputs)}
+        # Each runtime hands over arrays of its own (OpenVINO's are copied out of its buffers): no second copy.
+        return {head: torch.from_numpy(np.asarray(out, dtype=np.float32)) for head, out in zip(heads, outputs)}
 
 
 class OnnxRuntimeBackend(_OnnxBackend):

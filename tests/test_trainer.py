@@ -282,6 +282,7 @@ def test_detection_metrics_by_hand():
 
 @pytest.mark.parametrize("name", ["magicpoint_shapes_pair.yaml", "magicpoint_shapes_quick.yaml",
                                   "magicpoint_shapes_pretrained.yaml", "superpoint_mix_train.yaml", "superpoint_mix_finetune.yaml",
+                                  "superpoint_mix_viewpoint.yaml",
                                   "superpoint_coco_train_heatmap.yaml"])
 def test_shipped_configs_validate(name):
     from utils.config import load_config

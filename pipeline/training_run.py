@@ -27,12 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints (model, "
-                             "optimizer and iteration); only with the recorded configuration, except the budget, "
-                             "learning rate, intervals and workers")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="remove the experiment's checkpoints and metrics, then train from the start")
+    # Unreadable items are limited by the config's training.max_bad_fraction, not by a flag.
+    runs.add_arguments(parser, bad_fraction=False,
+                       resume_help="continue from the latest checkpoint in EXPER_PATH/<exper_name>/checkpoints "
+                                   "(model, optimizer and iteration); only with the recorded configuration, except "
+                                   "the budget, learning rate, intervals and workers")
 
 
 def run(args) -> dict:

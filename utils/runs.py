@@ -302,10 +302,11 @@ class BadItems:
         return {"count": len(self.items), "of": self.total, "max_fraction": self.max_fraction, "items": self.items}
 
 
-def add_arguments(parser, bad_fraction: bool = True) -> None:
+def add_arguments(parser, bad_fraction: bool = True,
+                  resume_help: str = "continue the run recorded in the output folder (only with its configuration)"
+                  ) -> None:
     """--resume, --overwrite (and --max-bad-fraction) of every command that writes under EXPER_PATH."""
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run recorded in the output folder (only with its configuration)")
+    parser.add_argument("--resume", action="store_true", help=resume_help)
     parser.add_argument("--overwrite", action="store_true",
                         help="remove the output folder's earlier outputs, then start afresh")
     if bad_fraction:

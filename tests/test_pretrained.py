@@ -136,6 +136,7 @@ def test_card_hpatches_numbers_reproduce(label, config, weights, columns, hpatch
                  "--weights", str(weights)])
     results = evaluate_predictions(tmp_path / "card" / "predictions", repeatability=True, homography=True)
     expected = card_row(label)
-    # The card prints 3 decimals; 0.01 leaves room for another CPU's float rounding moving a few points.
+    # 0.02: room for another CPU's float rounding to move a few points or matches on the hardest pairs
+    # (few correct matches there), well under the 0.06 of NN mAP between the last two shipped files.
     assert {key: results[key] for _, key in columns} == pytest.approx(
-        {key: expected[column] for column, key in columns}, abs=0.01)
+        {key: expected[column] for column, key in columns}, abs=0.02)

@@ -38,7 +38,7 @@ def run(args) -> dict:
     """`train4.py <task> <config> <exper_name> [--eval] [--resume | --overwrite]`."""
     conf = load_config(args.config, default_conf)
     return train(conf, args.exper_name, args.task, validate=args.eval, resume=args.resume,
-                 overwrite=getattr(args, "overwrite", False), source=args.config)
+                 overwrite=args.overwrite, source=args.config)
 
 
 def train(conf: dict, exper_name: str, task: str, validate: bool = False, resume: bool = False,

@@ -59,7 +59,6 @@ default_conf = {
 }
 
 
-
 def check_training_conf(conf: Mapping, source: str = "config") -> dict:
     """`conf` (merged over `default_conf`) with its values checked, numeric strings turned into numbers
     (utils.config checks); a bad value is a ConfigError naming the file and the key."""

@@ -56,9 +56,6 @@ class DivergenceMonitor:
         return (f"the loss was {kind} for {self.bad} consecutive iterations from iteration {self.onset} on "
                 f"(iteration: loss {history})")
 
-
-# --------------------------------------------------------------------------------------------------
-
     def stop(self, n_iter: int, checkpoint_dir: Optional[Path]) -> TrainingDiverged:
         """The error that stops the run at iteration `n_iter`. The checkpoints in `checkpoint_dir` saved
         since the divergence began are set aside (`*.diverged`), so that the last one before it is what

@@ -327,5 +327,11 @@ def valid_mask(src_shape, homography: torch.Tensor, out_shape=None, erosion_radi
     `sampling_grid` that `warp_image` samples), then the mask is eroded by `erosion_radius`.
     Returns (B, 1, H_out, W_out) float 0/1.
     """
-    grid = sampling_grid(homography, src_shape, out_shape, device=homography.device)
+    return grid_valid_mask(sampling_grid(homography, src_shape, out_shape, device=homography.device), src_shape,
+                           erosion_radius)
+
+
+def grid_valid_mask(grid: torch.Tensor, src_shape, erosion_radius: int = 0) -> torch.Tensor:
+    """`valid_mask` of a `sampling_grid` (B, H_out, W_out, 2) already built for an (H, W) source, e.g. the
+    one a warp samples with. Returns (B, 1, H_out, W_out) float 0/1."""
     return erode_mask(inside_grid(grid, *src_shape)[:, None], erosion_radius)

@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from utils.config import check_choice, check_int, merge
-from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, erode_mask, inside_grid,
-                            sample_homographies, sample_with_grid, sampling_grid)
+from utils.geometry import (HOMOGRAPHY_DEFAULTS, denormalize_homography, grid_valid_mask, sample_homographies,
+                            sample_with_grid, sampling_grid)
 
 # 'sum' is the reference's spelling of the masked mean (see the module docstring), accepted as an alias.
 AGGREGATIONS = ("mean", "sum", "max")
@@ -117,7 +117,7 @@ def aggregate_over_homographies(images: torch.Tensor, homographies: torch.Tensor
         views = images[src].float()
         grid = sampling_grid(hom, (h, w))  # one per view, for its warp and its valid mask
         heat = heatmap_fn(_unless_identity(ident, views, lambda: sample_with_grid(views, grid))).float().to(device)
-        mask = erode_mask(inside_grid(grid, h, w)[:, None], int(conf["valid_border_margin"])).to(device)
+        mask = grid_valid_mask(grid, (h, w), int(conf["valid_border_margin"])).to(device)
         stacked = torch.cat([heat[:, None] * mask, mask], dim=1)  # (n, 2, H, W)
         back = _unless_identity(ident, stacked,
                                 lambda: sample_with_grid(stacked, sampling_grid(torch.linalg.inv(hom), (h, w))))

@@ -106,7 +106,13 @@ def test_finetuning_magicleap_keeps_hpatches_homography_correctness(tmp_path, mo
     print("\n" + report)
     # The start has MagicLeap's quality (so that keeping it means something) ...
     assert before["homography_correctness"]["3"] >= 0.8 and before["repeatability"] > 0.65, report
-    # ... and the fine-tune keeps it (learning rate 1e-4 fails here: eps=3 0.6, repeatability 0.56).
-    assert after["homography_correctness"]["3"] >= before["homography_correctness"]["3"] - 0.05, report
+    # ... and the fine-tune keeps it. Homography correctness is a count of pairs whose RANSAC estimate lands
+    # within 3 px, so a change in the last bits of the descriptors (another CPU's kernels, float rounding in
+    # the warps) can move one pair across: one pair is allowed, no more. Measured: the config's 1e-5 gives
+    # eps=3 0.9 or 0.8 by CPU, repeatability 0.671, NN mAP 0.762 on both; 3e-5 gives 0.8, 0.655, 0.759;
+    # 1e-4 fails every check: eps=3 0.5, repeatability 0.553, NN mAP 0.671.
+    one_pair = 1 / before["n_pairs"]
+    assert after["homography_correctness"]["3"] >= before["homography_correctness"]["3"] - one_pair - 1e-9, report
     assert after["repeatability"] >= before["repeatability"] - 0.06, report
+    assert after["mAP"] >= before["mAP"] - 0.08, report
     assert np.isfinite(after["localization_err"]) and after["n_failed"] == 0, report
